@@ -1,0 +1,259 @@
+"""The SecuredEndpoint API: names, condition reasons and pydantic models of the spec (SPEC §1).
+
+The CRD schema in ``crds/`` refuses most bad input at ``kubectl apply``; these models repeat the rules
+the operator relies on, so an object that slipped past (an older CRD, a direct etcd write) becomes
+``Ready=False / InvalidSpec`` with a message naming the field instead of a crash.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any, Literal, Self
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "secured-endpoint.io"
+VERSION = "v1alpha1"
+KIND = "SecuredEndpoint"
+PLURAL = "securedendpoints"
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "secured-endpoint-operator"
+ENDPOINT_ANNOTATION = "secured-endpoint.io/endpoint"  # on target Secrets: the owning endpoint's name
+REFRESH_ANNOTATION = "secured-endpoint.io/refresh-requested-at"
+FINALIZER = "secured-endpoint.io/cleanup"
+
+CONDITION_READY = "Ready"
+
+
+class Reason(enum.StrEnum):
+    """Reasons of the ``Ready`` condition (SPEC §1 table)."""
+
+    TOKEN_ISSUED = "TokenIssued"
+    TOKEN_REFRESHED = "TokenRefreshed"
+    CREDENTIALS_NOT_FOUND = "CredentialsNotFound"
+    INVALID_CREDENTIALS = "InvalidCredentials"
+    TOKEN_REQUEST_FAILED = "TokenRequestFailed"
+    INVALID_TOKEN_RESPONSE = "InvalidTokenResponse"
+    TRUST_STORE_INVALID = "TrustStoreInvalid"
+    TARGET_WRITE_FAILED = "TargetWriteFailed"
+    SUSPENDED = "Suspended"
+    INVALID_SPEC = "InvalidSpec"
+
+
+class GrantType(enum.StrEnum):
+    CLIENT_CREDENTIALS = "ClientCredentials"
+    PASSWORD = "Password"
+
+
+class ClientAuthMethod(enum.StrEnum):
+    CLIENT_SECRET_BASIC = "ClientSecretBasic"
+    CLIENT_SECRET_POST = "ClientSecretPost"
+
+
+# Form fields the operator sets itself; a user parameter may not override them (SPEC §1, InvalidSpec).
+RESERVED_PARAMETERS = frozenset({
+    "grant_type", "client_id", "client_secret", "scope", "audience", "username", "password",
+    "refresh_token", "client_assertion", "client_assertion_type",
+})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+    )
+
+
+class ClientSecretRef(_Model):
+    name: str = Field(min_length=1)
+    client_id_key: str = Field(default="client_id", min_length=1)
+    client_secret_key: str = Field(default="client_secret", min_length=1)
+
+
+class PasswordSecretRef(_Model):
+    name: str = Field(min_length=1)
+    username_key: str = Field(default="username", min_length=1)
+    password_key: str = Field(default="password", min_length=1)
+
+
+class KeySelector(_Model):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class ParameterSource(_Model):
+    secret_key_ref: KeySelector
+
+
+class Parameter(_Model):
+    name: str = Field(min_length=1)
+    value: str | None = None
+    value_from: ParameterSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError("exactly one of value and valueFrom must be set")
+        if self.name in RESERVED_PARAMETERS:
+            raise ValueError(f"{self.name!r} is set by the operator and cannot be a parameter")
+        return self
+
+
+class TrustStore(_Model):
+    config_map_ref: KeySelector | None = None
+    secret_ref: KeySelector | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.config_map_ref is None) == (self.secret_ref is None):
+            raise ValueError("exactly one of configMapRef and secretRef must be set")
+        return self
+
+
+class RefreshPolicy(_Model):
+    default_expires_in_seconds: int = Field(default=3600, ge=10, le=366 * 86400)
+    refresh_before_seconds: int | None = Field(default=None, ge=0)
+    refresh_before_percent: int | None = Field(default=None, ge=1, le=90)
+    reactive: bool = True
+
+    @model_validator(mode="after")
+    def _not_both(self) -> Self:
+        if self.refresh_before_seconds is not None and self.refresh_before_percent is not None:
+            raise ValueError("refreshBeforeSeconds and refreshBeforePercent are mutually exclusive")
+        return self
+
+
+class SecretTarget(_Model):
+    name: str | None = Field(default=None, min_length=1, max_length=253)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class RedisTarget(_Model):
+    enabled: bool = False
+
+
+class Target(_Model):
+    secret: SecretTarget | None = None
+    redis: RedisTarget | None = None
+
+
+class SecuredEndpointSpec(_Model):
+    endpoints: dict[str, str] = Field(default_factory=dict)
+    token_url: str = Field(min_length=1)
+    allow_insecure_http: bool = False
+    grant_type: GrantType = GrantType.CLIENT_CREDENTIALS
+    client_auth_method: ClientAuthMethod = ClientAuthMethod.CLIENT_SECRET_BASIC
+    client_secret_ref: ClientSecretRef
+    password_secret_ref: PasswordSecretRef | None = None
+    scopes: list[str] = Field(default_factory=list)
+    audience: str | None = None
+    parameters: list[Parameter] = Field(default_factory=list)
+    trust_store: TrustStore | None = None
+    refresh: RefreshPolicy = Field(default_factory=RefreshPolicy)
+    suspend: bool = False
+    target: Target = Field(default_factory=Target)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        scheme = self.token_url.split(":", 1)[0].lower()
+        if scheme not in ("https", "http") or "://" not in self.token_url:
+            raise ValueError("tokenUrl must be an absolute https:// URL")
+        if scheme == "http" and not self.allow_insecure_http:
+            raise ValueError("tokenUrl must use https (set allowInsecureHttp: true to allow http)")
+        if self.grant_type is GrantType.PASSWORD and self.password_secret_ref is None:
+            raise ValueError("passwordSecretRef is required when grantType is Password")
+        if self.grant_type is not GrantType.PASSWORD and self.password_secret_ref is not None:
+            raise ValueError("passwordSecretRef is only allowed when grantType is Password")
+        names = [p.name for p in self.parameters]
+        if len(names) != len(set(names)):
+            raise ValueError("parameter names must be unique")
+        return self
+
+    # -- derived views the controller relies on -------------------------------------------------
+
+    def secret_target(self, endpoint_name: str) -> SecretTarget | None:
+        """The Secret target, or None when only Redis is asked for. No target at all means a Secret."""
+        if self.target.secret is not None:
+            return self.target.secret
+        if self.target.redis is not None and self.target.redis.enabled:
+            return None
+        return SecretTarget()
+
+    def secret_target_name(self, endpoint_name: str) -> str | None:
+        target = self.secret_target(endpoint_name)
+        if target is None:
+            return None
+        return target.name or f"{endpoint_name}-token"
+
+    @property
+    def redis_enabled(self) -> bool:
+        return self.target.redis is not None and self.target.redis.enabled
+
+    def referenced_sources(self) -> frozenset[SourceRef]:
+        """Every Secret/ConfigMap whose content goes into the token request."""
+        refs = {SourceRef("Secret", self.client_secret_ref.name)}
+        if self.password_secret_ref is not None:
+            refs.add(SourceRef("Secret", self.password_secret_ref.name))
+        for parameter in self.parameters:
+            if parameter.value_from is not None:
+                refs.add(SourceRef("Secret", parameter.value_from.secret_key_ref.name))
+        if self.trust_store is not None:
+            if self.trust_store.config_map_ref is not None:
+                refs.add(SourceRef("ConfigMap", self.trust_store.config_map_ref.name))
+            if self.trust_store.secret_ref is not None:
+                refs.add(SourceRef("Secret", self.trust_store.secret_ref.name))
+        return frozenset(refs)
+
+    def token_config_hash(self) -> str:
+        """A digest of every field that shapes the token: when it changes, a new token is due at once."""
+        relevant = self.model_dump(
+            mode="json", by_alias=True,
+            include={"token_url", "allow_insecure_http", "grant_type", "client_auth_method",
+                     "client_secret_ref", "password_secret_ref", "scopes", "audience", "parameters",
+                     "trust_store"},
+        )
+        canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class SourceRef(tuple[str, str]):
+    """``(kind, name)`` of a Secret or ConfigMap in the endpoint's own namespace."""
+
+    __slots__ = ()
+
+    def __new__(cls, kind: Literal["Secret", "ConfigMap"] | str, name: str) -> SourceRef:
+        return super().__new__(cls, (kind, name))
+
+    @property
+    def kind(self) -> str:
+        return self[0]
+
+    @property
+    def name(self) -> str:
+        return self[1]
+
+    def __str__(self) -> str:
+        return f"{self[0]}/{self[1]}"
+
+
+class SpecError(ValueError):
+    """The spec passed the schema (or bypassed it) but cannot work; the message names the field."""
+
+
+def parse_spec(raw: Mapping[str, Any]) -> SecuredEndpointSpec:
+    """Validate a raw spec; errors name the field and never echo input values."""
+    try:
+        return SecuredEndpointSpec.model_validate(dict(raw))
+    except pydantic.ValidationError as exc:
+        parts = []
+        for error in exc.errors(include_input=False, include_url=False):
+            location = ".".join(str(item) for item in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            parts.append(f"spec.{location}: {message}" if location else f"spec: {message}")
+        raise SpecError("; ".join(parts)) from None

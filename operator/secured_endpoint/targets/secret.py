@@ -1,0 +1,125 @@
+"""The token Secret that gateway Deployments mount (SPEC §2).
+
+Owned by its SecuredEndpoint (ownerReference + managed-by label). A Secret of the same name that the
+endpoint does not own is never overwritten. Ownership seen once is remembered by uid, so a steady-state
+refresh is a single PATCH; the uid is sent as a precondition, so a Secret re-created by someone else in
+between is refused by the apiserver instead of overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import SecretStr
+
+from secured_endpoint import api, kube
+from secured_endpoint.targets.base import IssuedToken, Owner, TargetError
+
+KEYS = ("access_token", "token_type", "expires_at", "authorization", "credential", "fingerprint")
+
+
+class SecretTarget:
+    def __init__(self, client: kube.KubeClient) -> None:
+        self._client = client
+        self._owned_uids: dict[tuple[str, str], str] = {}  # (namespace, secret name) -> Secret uid
+
+    async def write(self, owner: Owner, name: str, token: IssuedToken, *,
+                    labels: Mapping[str, str], annotations: Mapping[str, str]) -> None:
+        where = f"Secret/{name}"
+        body = _secret_body(owner, name, token, labels=labels, annotations=annotations)
+        cache_key = (owner.namespace, name)
+        try:
+            known_uid = self._owned_uids.get(cache_key)
+            if known_uid is not None:
+                try:
+                    body["metadata"]["uid"] = known_uid
+                    await self._client.patch_secret(owner.namespace, name, body)
+                    return
+                except kube.KubeError as exc:
+                    if exc.status not in (404, 409, 422):
+                        raise
+                    self._owned_uids.pop(cache_key, None)
+                    body["metadata"].pop("uid", None)
+            existing = await self._client.get_secret(owner.namespace, name)
+            if existing is None:
+                try:
+                    created = await self._client.create_secret(owner.namespace, body)
+                except kube.KubeError as exc:
+                    if not exc.conflict:
+                        raise
+                    raise TargetError(where, "was created by someone else meanwhile; retrying") from None
+                self._owned_uids[cache_key] = created["metadata"]["uid"]
+                return
+            if not owned_by(existing, owner):
+                raise TargetError(where, "exists and is not managed by this SecuredEndpoint; "
+                                         "the operator does not overwrite it (delete it or choose "
+                                         "spec.target.secret.name)")
+            body["metadata"]["uid"] = existing["metadata"]["uid"]
+            await self._client.patch_secret(owner.namespace, name, body)
+            self._owned_uids[cache_key] = existing["metadata"]["uid"]
+        except kube.KubeError as exc:
+            raise TargetError(where, f"cannot be written: {exc}") from None
+
+    async def read(self, owner: Owner, name: str) -> IssuedToken | None:
+        """The token an owned Secret holds, or None (missing, foreign, or not a token Secret)."""
+        existing = await self._client.get_secret(owner.namespace, name)
+        if existing is None or not owned_by(existing, owner):
+            return None
+        self._owned_uids[(owner.namespace, name)] = existing["metadata"]["uid"]
+        try:
+            data = {key: value.decode() for key, value in kube.decode_data(existing).items()}
+            expires_at = datetime.fromisoformat(data["expires_at"].replace("Z", "+00:00")).astimezone(UTC)
+            return IssuedToken(
+                access_token=SecretStr(data["access_token"]), token_type=data["token_type"], scope=None,
+                issued_at=datetime.fromisoformat(existing["metadata"]["creationTimestamp"].replace("Z", "+00:00")),
+                expires_at=expires_at, fingerprint=data["fingerprint"],
+            )
+        except (KeyError, ValueError):
+            return None
+
+    async def delete(self, owner: Owner, name: str) -> None:
+        """Remove the Secret if, and only if, this endpoint owns it."""
+        self._owned_uids.pop((owner.namespace, name), None)
+        try:
+            existing = await self._client.get_secret(owner.namespace, name)
+            if existing is not None and owned_by(existing, owner):
+                await self._client.delete_secret(owner.namespace, name, uid=existing["metadata"]["uid"])
+        except kube.KubeError as exc:
+            raise TargetError(f"Secret/{name}", f"cannot be deleted: {exc}") from None
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Someone deleted the Secret: the remembered uid is void."""
+        self._owned_uids.pop((namespace, name), None)
+
+
+def owned_by(secret: Mapping[str, Any], owner: Owner) -> bool:
+    references = secret.get("metadata", {}).get("ownerReferences") or ()
+    return any(ref.get("uid") == owner.uid for ref in references)
+
+
+def _secret_body(owner: Owner, name: str, token: IssuedToken, *, labels: Mapping[str, str],
+                 annotations: Mapping[str, str]) -> dict[str, Any]:
+    values = {
+        "access_token": token.access_token.get_secret_value(),
+        "token_type": token.token_type,
+        "expires_at": token.expires_at_text,
+        "authorization": token.authorization,
+        "credential": token.authorization,
+        "fingerprint": token.fingerprint,
+    }
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {
+            "name": name, "namespace": owner.namespace,
+            "labels": {**labels, api.MANAGED_BY_LABEL: api.MANAGED_BY_VALUE},
+            # an annotation, not a label: endpoint names may be longer than a label value allows
+            "annotations": {**annotations, api.ENDPOINT_ANNOTATION: owner.name},
+            "ownerReferences": [{
+                "apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "name": owner.name,
+                "uid": owner.uid, "controller": True, "blockOwnerDeletion": True,
+            }],
+        },
+        "data": kube.encode_data(values),
+    }
