@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
@@ -161,9 +162,10 @@ class SecuredEndpointSpec(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        scheme = self.token_url.split(":", 1)[0].lower()
-        if scheme not in ("https", "http") or "://" not in self.token_url:
-            raise ValueError("tokenUrl must be an absolute https:// URL")
+        url = urllib.parse.urlsplit(self.token_url)
+        scheme = url.scheme.lower()
+        if scheme not in ("https", "http") or not url.hostname or any(c.isspace() for c in self.token_url):
+            raise ValueError("tokenUrl must be an absolute https:// URL with a host")
         if scheme == "http" and not self.allow_insecure_http:
             raise ValueError("tokenUrl must use https (set allowInsecureHttp: true to allow http)")
         if self.grant_type is GrantType.PASSWORD and self.password_secret_ref is None:

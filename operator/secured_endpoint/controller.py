@@ -78,6 +78,13 @@ class Endpoint:
     def recorded_time(self, name: str) -> datetime | None:
         return status.parse_timestamp(self.recorded.get(name))
 
+    @property
+    def recorded_secret_name(self) -> str | None:
+        """The Secret that holds the token according to the status (it may differ from the spec's)."""
+        secret = (self.recorded.get("targets") or {}).get("secret") or {}
+        name = secret.get("name")
+        return name if isinstance(name, str) else None
+
 
 @dataclass(frozen=True)
 class Inputs:
@@ -114,7 +121,7 @@ class Controller:
         self.owner_of_secret: dict[tuple[str, str], Key] = {}  # token Secret -> endpoint
         self.secret_target = SecretTarget(self.client)
         self.scheduler: schedule.Scheduler[Key] = schedule.Scheduler(
-            self.reconcile, concurrency=self.settings.refresh_concurrency, name="refresh")
+            self._reconcile_or_retry, concurrency=self.settings.refresh_concurrency, name="refresh")
 
     async def start(self) -> None:
         await self.scheduler.start()
@@ -284,6 +291,20 @@ class Controller:
 
     # -- the one job the scheduler runs -----------------------------------------------------------
 
+    async def _reconcile_or_retry(self, key: Key) -> None:
+        """An unexpected error (the apiserver gone, a bug) must not leave an endpoint unscheduled."""
+        try:
+            await self.reconcile(key)
+        except Exception as exc:
+            endpoint = self.endpoints.get(key)
+            if endpoint is None:
+                return
+            endpoint.failures += 1
+            delay = schedule.backoff_delay(failures=endpoint.failures, permanent=False, rng=self.rng)
+            logger.error("Reconciling %s/%s failed (%s: %s); retrying in %.0f s.",
+                         *key, type(exc).__name__, exc, delay)
+            self.scheduler.schedule(key, time.time() + delay, keep_earlier=True)
+
     async def reconcile(self, key: Key) -> None:
         endpoint = self.endpoints.get(key)
         if endpoint is None:
@@ -389,7 +410,7 @@ class Controller:
 
     async def _read_back(self, endpoint: Endpoint, now: datetime) -> IssuedToken | None:
         """After a restart the token is only in the targets: take it from there to rewrite them."""
-        name = (endpoint.recorded.get("targets") or {}).get("secret", {}).get("name") or endpoint.secret_name
+        name = endpoint.recorded_secret_name or endpoint.secret_name
         if name is None:
             return None
         try:
@@ -408,7 +429,7 @@ class Controller:
         spec = endpoint.spec
         failures: list[str] = []
         written: dict[str, Any] = {"secret": None, "redis": None}
-        old_name = (endpoint.recorded.get("targets") or {}).get("secret", {}).get("name")
+        old_name = endpoint.recorded_secret_name
         target = spec.secret_target(endpoint.name)
         if target is not None and endpoint.secret_name is not None:
             try:
@@ -442,7 +463,8 @@ class Controller:
         await self._publish(endpoint, ready=True, reason=reason, message=message, now=now, extra={
             "targets": written, "consecutiveFailures": 0, "nextRefreshTime": status.timestamp(refresh_at),
         })
-        self.scheduler.schedule(endpoint.key, refresh_at.timestamp())
+        # keep_earlier: an event that came in during this run (a rotated Secret) still gets its rerun
+        self.scheduler.schedule(endpoint.key, refresh_at.timestamp(), keep_earlier=True)
 
     # -- failure, suspension, deletion ----------------------------------------------------------
 
@@ -468,7 +490,7 @@ class Controller:
         logger.warning("%s/%s is not ready (%s): %s", endpoint.namespace, endpoint.name, reason, message)
         expires_at = endpoint.recorded_time("expiresAt")
         if next_action is not None:
-            self.scheduler.schedule(endpoint.key, next_action.timestamp())
+            self.scheduler.schedule(endpoint.key, next_action.timestamp(), keep_earlier=True)
         await self._publish(endpoint, ready=False, reason=reason,
                             message=f"{message}; {status.still_usable(expires_at, now)}", now=now, extra={
                                 "consecutiveFailures": endpoint.failures,
@@ -493,7 +515,7 @@ class Controller:
     async def _clean_up(self, endpoint: Endpoint) -> None:
         """Deletion: remove what the endpoint wrote, then let Kubernetes delete it."""
         self.scheduler.cancel(endpoint.key)
-        names = {endpoint.secret_name, (endpoint.recorded.get("targets") or {}).get("secret", {}).get("name")}
+        names = {endpoint.secret_name, endpoint.recorded_secret_name}
         for name in filter(None, names):
             await self.secret_target.delete(endpoint.owner, name)
         if api.FINALIZER in endpoint.finalizers:
