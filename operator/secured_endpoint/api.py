@@ -166,6 +166,8 @@ class SecuredEndpointSpec(_Model):
         scheme = url.scheme.lower()
         if scheme not in ("https", "http") or not url.hostname or any(c.isspace() for c in self.token_url):
             raise ValueError("tokenUrl must be an absolute https:// URL with a host")
+        if url.username is not None or url.password is not None:
+            raise ValueError("tokenUrl must not carry credentials (user:password@); use clientSecretRef")
         if scheme == "http" and not self.allow_insecure_http:
             raise ValueError("tokenUrl must use https (set allowInsecureHttp: true to allow http)")
         if self.grant_type is GrantType.PASSWORD and self.password_secret_ref is None:
