@@ -150,7 +150,9 @@ def refresh_time(
     """Return when to fetch the next token for one that is valid from ``issued_at`` to ``expires_at``.
 
     The target is ``expires_at - refresh_before`` where ``refresh_before`` is ``refresh_before_seconds``, or
-    ``refresh_before_percent`` % of the lifetime, or (neither set) a third of the lifetime. A random jitter
+    ``refresh_before_percent`` % of the lifetime, or a third of the lifetime when neither is set or when
+    ``refresh_before_seconds`` is not shorter than the lifetime (as cert-manager does for a renewBefore
+    longer than the certificate: a 300 s margin on a 60 s token means "refresh early", not "always"). A random jitter
     of up to ``min(10 % of refresh_before, 60 s)`` then moves it *earlier*, never later. The result always
     lies in ``[issued_at + 10 % of the lifetime, expires_at - min(5 s, 10 % of the lifetime)]``, so a huge
     ``refreshBeforeSeconds`` cannot cause a refresh loop and a zero one cannot serve an expired token.
@@ -166,10 +168,8 @@ def refresh_time(
     if lifetime < MIN_LIFETIME:
         raise ValueError(f"token lifetime {lifetime} is shorter than {MIN_LIFETIME}")
 
-    if refresh_before_seconds is not None:
-        # min(): an absurd value would overflow timedelta; anything beyond the lifetime is capped below
-        # anyway.
-        refresh_before = timedelta(seconds=min(refresh_before_seconds, lifetime.total_seconds()))
+    if refresh_before_seconds is not None and refresh_before_seconds < lifetime.total_seconds():
+        refresh_before = timedelta(seconds=refresh_before_seconds)
     elif refresh_before_percent is not None:
         refresh_before = lifetime * (refresh_before_percent / 100)
     else:

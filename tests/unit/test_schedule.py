@@ -182,12 +182,14 @@ def test_refresh_jitter_is_ten_percent_of_refresh_before_for_short_tokens() -> N
     assert max(times) - min(times) > timedelta(seconds=1.5)
 
 
-def test_refresh_before_longer_than_the_lifetime_does_not_loop() -> None:
-    at = refresh(HOUR, seconds=10 * 3600)
-    assert at == T0 + HOUR * 0.1
-    at = refresh(HOUR, seconds=10**15)  # would overflow timedelta without the cap
-    assert at == T0 + HOUR * 0.1
-    at = refresh(HOUR, percent=250)
+def test_refresh_before_longer_than_the_lifetime_falls_back_to_the_default() -> None:
+    # like cert-manager's renewBefore >= duration: refresh at two thirds, not in a loop at 10 %
+    default = refresh(HOUR)
+    assert refresh(HOUR, seconds=10 * 3600) == default
+    assert refresh(HOUR, seconds=3600) == default
+    assert refresh(HOUR, seconds=10**15) == default  # would overflow timedelta if used as is
+    assert T0 + HOUR * 0.6 <= default <= T0 + HOUR * (2 / 3)
+    at = refresh(HOUR, percent=250)  # the CRD refuses > 90; the policy still never loops
     assert at == T0 + HOUR * 0.1
 
 
