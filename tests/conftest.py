@@ -3,8 +3,11 @@
 - ``control_plane`` (session): etcd + kube-apiserver built from source, CRD applied and established.
 - ``kube``: the official Python client's APIs bound to that control plane (tests are synchronous).
 - ``namespace``: a fresh namespace; its SecuredEndpoints are deleted at the end, through the operator.
-- ``operator`` (session): ``secured-endpoint-operator run --all-namespaces`` as a subprocess whose
-  log is kept for the leak scan; ``operator.restart()`` for the restart tests.
+- ``operator`` (session): ``secured-endpoint-operator run --namespace 't-*'`` as a subprocess whose
+  log is kept for the leak scan; ``operator.restart()`` for the restart tests. No Redis.
+- ``redis_server`` / ``redis_operator`` / ``redis_setup`` (session): a TLS redis-server with an ACL user, and
+  a second operator for ``r-*`` namespaces configured for it (username, password file, db 3, CA, client
+  certificate), so every Redis test runs through all of those settings.
 - ``token_server`` / ``tls_token_server``: RFC 6749 servers on loopback, one per test.
 - ``secret_values``: every client secret, password and token the session used (for the leak scan).
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -30,6 +34,7 @@ from kubernetes.client.rest import ApiException
 
 from secured_endpoint import api
 from secured_endpoint.devenv import controlplane
+from secured_endpoint.devenv.redisserver import RedisServer
 from secured_endpoint.devenv.tokenserver import TokenServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +150,16 @@ def kube(control_plane: controlplane.ControlPlane) -> Kube:
 
 @pytest.fixture
 def namespace(kube: Kube) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
+    yield from _namespace(kube, "t")
+
+
+@pytest.fixture
+def redis_namespace(kube: Kube) -> Iterator[str]:
+    yield from _namespace(kube, "r")
+
+
+def _namespace(kube: Kube, prefix: str) -> Iterator[str]:
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
     kube.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
     yield name
     # No namespace controller runs here: delete the endpoints (the operator releases them), then wait.
@@ -170,6 +184,7 @@ class OperatorProcess:
 
     kubeconfig: Path
     log_path: Path
+    scope: tuple[str, ...] = ("--all-namespaces",)
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
@@ -177,7 +192,7 @@ class OperatorProcess:
         environment = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "secured_endpoint.cli", "run", "--all-namespaces", "--verbose"],
+            [sys.executable, "-m", "secured_endpoint.cli", "run", *self.scope, "--verbose"],
             env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
         wait_for(lambda: "secured-endpoint-operator started" in self.log_text() or self.process.poll() is not None,
@@ -203,21 +218,83 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+TEST_OPERATOR_ENV = {
+    "SEP_STARTUP_SPREAD_SECONDS": "0",
+    "SEP_REACTIVE_FLOOR_SECONDS": "1",
+    "SEP_TOKEN_TIMEOUT_SECONDS": "2",
+    "SEP_CREDENTIALS_RETRY_SECONDS": "60",
+}
+
+
 @pytest.fixture(scope="session")
-def operator(control_plane: controlplane.ControlPlane, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[OperatorProcess]:
-    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
-    process = OperatorProcess(kubeconfig=control_plane.kubeconfig_path, log_path=log_path, env={
-        "SEP_STARTUP_SPREAD_SECONDS": "0",
-        "SEP_REACTIVE_FLOOR_SECONDS": "1",
-        "SEP_TOKEN_TIMEOUT_SECONDS": "2",
-        "SEP_CREDENTIALS_RETRY_SECONDS": "60",
-    })
+def operator_processes() -> list[OperatorProcess]:
+    """Every operator the session started (the leak scan reads all their logs)."""
+    return []
+
+
+def _operator(control_plane: controlplane.ControlPlane, log_path: Path, processes: list[OperatorProcess], *,
+              scope: tuple[str, ...], env: dict[str, str]) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(kubeconfig=control_plane.kubeconfig_path, log_path=log_path, scope=scope,
+                              env={**TEST_OPERATOR_ENV, **env})
+    processes.append(process)
     process.start()
     yield process
     process.stop()
     if os.environ.get("SEP_SHOW_OPERATOR_LOG"):
         print(process.log_text())
+
+
+@pytest.fixture(scope="session")
+def operator(control_plane: controlplane.ControlPlane, tmp_path_factory: pytest.TempPathFactory,
+             operator_processes: list[OperatorProcess]) -> Iterator[OperatorProcess]:
+    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
+    yield from _operator(control_plane, log_path, operator_processes, scope=("--namespace", "t-*"), env={})
+
+
+@dataclass
+class RedisAccess:
+    server: RedisServer
+    username: str
+    password: str
+    db: int
+    prefix: str
+
+    def client(self) -> redis.Redis:
+        """A synchronous client as a gateway would use it (TLS, ACL user, the operator's db)."""
+        return redis.Redis(host=self.server.host, port=self.server.tls_port, db=self.db, username=self.username,
+                           password=self.password, ssl=True, ssl_ca_certs=str(self.server.ca_path),
+                           ssl_certfile=str(self.server.client_cert_path),
+                           ssl_keyfile=str(self.server.client_key_path), decode_responses=True)
+
+    def key(self, namespace: str, name: str) -> str:
+        return f"{self.prefix}:{namespace}:{name}"
+
+
+@pytest.fixture(scope="session")
+def redis_access(secret_values: set[str]) -> Iterator[RedisAccess]:
+    password = f"redis-{uuid.uuid4().hex}"
+    secret_values.add(password)
+    with RedisServer(acl_user=("sep-operator", password), tls=True) as server:
+        yield RedisAccess(server=server, username="sep-operator", password=password, db=3, prefix="sep-test")
+
+
+@pytest.fixture(scope="session")
+def redis_operator(control_plane: controlplane.ControlPlane, tmp_path_factory: pytest.TempPathFactory,
+                   operator_processes: list[OperatorProcess], redis_access: RedisAccess
+                   ) -> Iterator[OperatorProcess]:
+    workdir = tmp_path_factory.mktemp("redis-operator")
+    password_file = workdir / "redis-password"
+    password_file.write_text(redis_access.password + "\n")  # as a mounted Secret often has it
+    server = redis_access.server
+    yield from _operator(control_plane, workdir / "operator.log", operator_processes,
+                         scope=("--namespace", "r-*"), env={
+        "SEP_REDIS_HOST": server.host, "SEP_REDIS_PORT": str(server.tls_port),
+        "SEP_REDIS_USERNAME": redis_access.username, "SEP_REDIS_PASSWORD_FILE": str(password_file),
+        "SEP_REDIS_DB": str(redis_access.db), "SEP_REDIS_TLS": "true", "SEP_REDIS_CA_FILE": str(server.ca_path),
+        "SEP_REDIS_CERT_FILE": str(server.client_cert_path), "SEP_REDIS_KEY_FILE": str(server.client_key_path),
+        "SEP_REDIS_KEY_PREFIX": redis_access.prefix, "SEP_REDIS_SOCKET_TIMEOUT_SECONDS": "2",
+        "SEP_REDIS_CONNECT_TIMEOUT_SECONDS": "2",
+    })
 
 
 @pytest.fixture(scope="session")
@@ -285,6 +362,11 @@ class Setup:
 @pytest.fixture
 def setup(kube: Kube, namespace: str, secret_values: set[str]) -> Setup:
     return Setup(kube, namespace, secret_values)
+
+
+@pytest.fixture
+def redis_setup(kube: Kube, redis_namespace: str, secret_values: set[str]) -> Setup:
+    return Setup(kube, redis_namespace, secret_values)
 
 
 def load_yaml(path: Path) -> list[dict[str, Any]]:

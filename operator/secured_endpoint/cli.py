@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from secured_endpoint import __version__
-from secured_endpoint.settings import SettingsError, load_settings
+from secured_endpoint.settings import SettingsError, load_redis_settings, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings()
+        redis_settings = load_redis_settings()
     except SettingsError as exc:
         print(f"secured-endpoint-operator: {exc}", file=sys.stderr)
         return 2
@@ -65,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     for chatty in ("httpx", "httpcore"):  # one line per request and per socket step: noise, not news
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    memo = kopf.Memo(operator_settings=settings, kubeconfig=args.kubeconfig)
+    memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=args.kubeconfig)
     kopf.run(registry=wiring.registry, clusterwide=args.all_namespaces, namespaces=args.namespace,
              standalone=True, liveness_endpoint=args.liveness, memo=memo)
     return 0

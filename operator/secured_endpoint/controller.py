@@ -25,6 +25,7 @@ from pydantic import SecretStr
 from secured_endpoint import api, credentials, kube, metrics, schedule, status, tokens
 from secured_endpoint.settings import OperatorSettings
 from secured_endpoint.targets.base import IssuedToken, Owner, TargetError
+from secured_endpoint.targets.redis import RedisTarget
 from secured_endpoint.targets.secret import SecretTarget
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Endpoint:
     failed_inputs: Inputs | None = None  # what the last failed fetch used: retry at once only if it changes
     last_forced: float | None = None
     reactive_fingerprint: str | None = None  # a gateway reported this token as refused
+    fetching: bool = False  # a token request is in flight: it will answer every gateway's 401 at once
     targets_dirty: bool = False
     first_sight: bool = True
     sources: frozenset[api.SourceRef] = frozenset()
@@ -112,6 +114,7 @@ class Controller:
     token_client: tokens.TokenClient
     settings: OperatorSettings
     index: SourceIndex
+    redis: RedisTarget | None = None
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     rng: random.Random = field(default_factory=random.Random)
 
@@ -192,11 +195,19 @@ class Controller:
         endpoint = self.endpoints.get(key)
         if endpoint is None or endpoint.spec is None or not endpoint.spec.refresh.reactive:
             return False
-        if fingerprint != endpoint.recorded.get("tokenFingerprint"):
-            return False  # an older token: the current one is already newer than what the gateway saw
+        if fingerprint != endpoint.recorded.get("tokenFingerprint") or endpoint.fetching:
+            return False  # the current token, or the one being fetched, is newer than what the gateway saw
         endpoint.reactive_fingerprint = fingerprint
         self._plan(endpoint, startup=False)
         return True
+
+    def redis_restored(self) -> None:
+        """Redis is back after an outage: write every current token into it again."""
+        for endpoint in self.endpoints.values():
+            if endpoint.spec is not None and endpoint.spec.redis_enabled:
+                endpoint.targets_dirty = True
+                endpoint.rewrite_at = None
+                self._plan(endpoint, startup=False)
 
     # -- planning: when must reconcile run? -------------------------------------------------------
 
@@ -356,6 +367,7 @@ class Controller:
         endpoint.reactive_fingerprint = None
         inputs = self._inputs(endpoint)
         started = time.monotonic()
+        endpoint.fetching = True
         try:
             loaded = await credentials.load(self.client, endpoint.namespace, spec,
                                             refresh_token=endpoint.refresh_token)
@@ -382,6 +394,7 @@ class Controller:
                                      retry_at=retry_at, handled_request=handled_request)
             return None
         finally:
+            endpoint.fetching = False
             metrics.TOKEN_REQUEST_SECONDS.observe(time.monotonic() - started)
         metrics.TOKEN_REQUESTS.labels(result="issued").inc()
         access_token = response.access_token.get_secret_value()
@@ -410,18 +423,21 @@ class Controller:
 
     async def _read_back(self, endpoint: Endpoint, now: datetime) -> IssuedToken | None:
         """After a restart the token is only in the targets: take it from there to rewrite them."""
+        candidates: list[IssuedToken | None] = []
         name = endpoint.recorded_secret_name or endpoint.secret_name
-        if name is None:
-            return None
         try:
-            token = await self.secret_target.read(endpoint.owner, name)
-        except kube.KubeError:
-            return None
-        if token is None or token.fingerprint != endpoint.recorded.get("tokenFingerprint") \
-                or not token.valid_at(now):
-            return None
-        endpoint.token = token
-        return token
+            if name is not None:
+                candidates.append(await self.secret_target.read(endpoint.owner, name))
+            if self.redis is not None and (endpoint.recorded.get("targets") or {}).get("redis"):
+                candidates.append(await self.redis.read(endpoint.owner))
+        except (kube.KubeError, TargetError):
+            pass
+        for token in candidates:
+            if token is not None and token.fingerprint == endpoint.recorded.get("tokenFingerprint") \
+                    and token.valid_at(now):
+                endpoint.token = token
+                return token
+        return None
 
     async def _write_targets(self, endpoint: Endpoint, token: IssuedToken, now: datetime, *,
                              reason: api.Reason) -> None:
@@ -438,9 +454,17 @@ class Controller:
                 written["secret"] = {"name": endpoint.secret_name}
             except TargetError as exc:
                 failures.append(str(exc))
-        if spec.redis_enabled:
+        if spec.redis_enabled and self.redis is None:
             failures.append("Redis: the Redis target is enabled but this operator has no Redis "
-                            "configured (set SEP_REDIS_URL or SEP_REDIS_HOST)")
+                            "configured (set SEP_REDIS_URL, SEP_REDIS_HOST or SEP_REDIS_SENTINELS)")
+        elif spec.redis_enabled and self.redis is not None:
+            try:
+                await self.redis.write(endpoint.owner, token)
+                written["redis"] = {"key": self.redis.key(endpoint.namespace, endpoint.name)}
+            except TargetError as exc:
+                failures.append(str(exc))
+        elif self.redis is not None and (endpoint.recorded.get("targets") or {}).get("redis"):
+            await self._delete_redis(endpoint)  # the Redis target was switched off
         if old_name and old_name != endpoint.secret_name:
             try:
                 await self.secret_target.delete(endpoint.owner, old_name)
@@ -518,6 +542,9 @@ class Controller:
         names = {endpoint.secret_name, endpoint.recorded_secret_name}
         for name in filter(None, names):
             await self.secret_target.delete(endpoint.owner, name)
+        if self.redis is not None and ((endpoint.spec is not None and endpoint.spec.redis_enabled)
+                                       or (endpoint.recorded.get("targets") or {}).get("redis")):
+            await self._delete_redis(endpoint)  # best effort: the key expires with the token anyway
         if api.FINALIZER in endpoint.finalizers:
             remaining = [f for f in endpoint.finalizers if f != api.FINALIZER]
             try:
@@ -527,6 +554,13 @@ class Controller:
                 if not exc.not_found:
                     raise
         logger.info("Cleaned up after %s/%s.", endpoint.namespace, endpoint.name)
+
+    async def _delete_redis(self, endpoint: Endpoint) -> None:
+        assert self.redis is not None
+        try:
+            await self.redis.delete(endpoint.owner)
+        except TargetError as exc:
+            logger.warning("Could not remove the Redis key of %s/%s: %s", endpoint.namespace, endpoint.name, exc)
 
     # -- status and events ------------------------------------------------------------------------
 
@@ -541,7 +575,7 @@ class Controller:
             "observedGeneration": endpoint.generation, "conditions": conditions,
             **{name: endpoint.recorded.get(name) for name in _TOKEN_FIELDS}, **extra,
         }
-        if all(endpoint.recorded.get(name) == value for name, value in patch.items()):
+        if all(_pruned(endpoint.recorded.get(name)) == _pruned(value) for name, value in patch.items()):
             return
         transition = previous is None or previous.get("reason") != str(reason) \
             or previous.get("status") != ("True" if ready else "False")
@@ -553,7 +587,7 @@ class Controller:
                                endpoint.namespace, endpoint.name, exc)
                 self.scheduler.schedule(endpoint.key, time.time() + 5)
             return
-        endpoint.recorded.update(patch)
+        endpoint.recorded.update(_pruned(patch))  # as the apiserver stores it: a merge patch's null deletes
         if transition:
             try:
                 await self.client.post_event(
@@ -588,3 +622,12 @@ class Controller:
 
 _TOKEN_FIELDS = ("tokenType", "scope", "expiresAt", "lastRefreshTime", "nextRefreshTime", "tokenFingerprint",
                  "tokenConfigHash", "sourceVersions", "lastRefreshRequest")
+
+
+def _pruned(value: Any) -> Any:
+    """``value`` without null entries in mappings: what a JSON merge patch leaves on the server."""
+    if isinstance(value, Mapping):
+        return {key: _pruned(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_pruned(item) for item in value]
+    return value

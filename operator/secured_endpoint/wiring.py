@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
 
 from secured_endpoint import api, kube, metrics, tokens
 from secured_endpoint.controller import Controller
-from secured_endpoint.settings import OperatorSettings
+from secured_endpoint.settings import OperatorSettings, RedisSettings
+from secured_endpoint.targets.redis import RedisTarget
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +85,49 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     client = kube.KubeClient(credentials, max_in_flight=operator_settings.kube_max_in_flight)
     token_client = tokens.TokenClient(timeout=operator_settings.token_timeout_seconds,
                                       connect_timeout=operator_settings.token_connect_timeout_seconds)
+    redis_settings: RedisSettings = memo["redis_settings"]
+    redis = RedisTarget.from_settings(redis_settings)
     controller = Controller(client=client, token_client=token_client, settings=operator_settings,
                             index=KopfIndexes(kwargs["secret_versions"], kwargs["configmap_versions"],
-                                              kwargs["token_secrets"]))
+                                              kwargs["token_secrets"]), redis=redis)
     memo["controller"] = controller
     await controller.start()
+    if redis is not None:
+        memo["redis_tasks"] = [
+            asyncio.create_task(_serve_refresh_requests(controller, redis), name="redis refresh requests"),
+            asyncio.create_task(redis.watch_availability(_on_redis_restored(controller)),
+                                name="redis availability"),
+        ]
     metrics.serve(operator_settings.metrics_port)
     logger.info("secured-endpoint-operator started.")
 
 
 @kopf.on.cleanup(registry=registry)
 async def stop(*, memo: kopf.Memo, **_: Any) -> None:
+    tasks = memo.get("redis_tasks", [])
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)  # finished before their connection closes
     controller: Controller | None = memo.get("controller")
     if controller is not None:
         await controller.stop()
         await controller.token_client.aclose()
         await controller.client.aclose()
+        if controller.redis is not None:
+            await controller.redis.aclose()
+
+
+async def _serve_refresh_requests(controller: Controller, redis: RedisTarget) -> None:
+    """Gateways that saw a 401 ask here (SPEC §4); the controller decides whether it is still news."""
+    async for namespace, name, fingerprint in redis.refresh_requests():
+        if controller.request_refresh((namespace, name), fingerprint):
+            logger.info("Refresh of %s/%s requested by a gateway.", namespace, name)
+
+
+def _on_redis_restored(controller: Controller) -> Callable[[], Awaitable[None]]:
+    async def restored() -> None:
+        controller.redis_restored()
+    return restored
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)

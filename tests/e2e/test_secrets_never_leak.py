@@ -25,7 +25,8 @@ def _forms(value: str) -> set[str]:
 
 
 def test_no_secret_in_logs_events_or_status(operator: OperatorProcess, kube: Kube, setup: Setup,
-                                            token_server: TokenServer, secret_values: set[str]) -> None:
+                                            token_server: TokenServer, secret_values: set[str],
+                                            operator_processes: list[OperatorProcess]) -> None:
     token_server.configure(lifetime_seconds=3, issue_refresh_tokens=True)
     setup.client(token_server)
     setup.user(token_server)
@@ -54,7 +55,7 @@ def test_no_secret_in_logs_events_or_status(operator: OperatorProcess, kube: Kub
     secret_values.update(issued.access_token for issued in token_server.issued_tokens)
     assert len(secret_values) > 5
 
-    log = operator.log_text()
+    log = "\n".join(process.log_text() for process in operator_processes)
     events = json.dumps([event.to_dict() for event in kube.core.list_event_for_all_namespaces().items],
                         default=str)
     endpoints = json.dumps(kube.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL))
