@@ -66,6 +66,10 @@ def _run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     for chatty in ("httpx", "httpcore"):  # one line per request and per socket step: noise, not news
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    if not args.verbose:
+        # kopf says "Handler ... succeeded" for every event of every watched Secret and ConfigMap; the
+        # operator's own log says what happened to each endpoint
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=args.kubeconfig)
     kopf.run(registry=wiring.registry, clusterwide=args.all_namespaces, namespaces=args.namespace,
              standalone=True, liveness_endpoint=args.liveness, memo=memo)

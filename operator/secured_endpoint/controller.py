@@ -55,6 +55,7 @@ class Endpoint:
     deleting: bool
     finalizers: list[str]
     recorded: dict[str, Any]
+    resource_version: str = ""
     token: IssuedToken | None = None
     refresh_token: SecretStr | None = None  # in memory only: after a restart the password grant is used
     failures: int = 0
@@ -160,6 +161,7 @@ class Controller:
         endpoint.refresh_request = (meta.get("annotations") or {}).get(api.REFRESH_ANNOTATION)
         endpoint.deleting = bool(meta.get("deletionTimestamp"))
         endpoint.finalizers = list(meta.get("finalizers") or ())
+        endpoint.resource_version = str(meta.get("resourceVersion", ""))
         self._index(endpoint)
         self._plan(endpoint, startup=event_type is None)
         metrics.ENDPOINTS.set(len(self.endpoints))
@@ -322,7 +324,8 @@ class Controller:
             return
         now = self.clock()
         if endpoint.deleting:
-            await self._clean_up(endpoint)
+            if api.FINALIZER in endpoint.finalizers:
+                await self._clean_up(endpoint)
             return
         if endpoint.spec is None:
             await self._fail(endpoint, api.Reason.INVALID_SPEC, endpoint.spec_error or "invalid spec",
@@ -531,10 +534,36 @@ class Controller:
                             now=now, extra={"nextRefreshTime": None})
 
     async def _add_finalizer(self, endpoint: Endpoint) -> None:
-        finalizers = [*endpoint.finalizers, api.FINALIZER]
-        await self.client.patch_endpoint(endpoint.namespace, endpoint.name,
-                                         {"metadata": {"finalizers": finalizers}})
-        endpoint.finalizers = finalizers
+        await self._change_finalizers(endpoint, lambda present: [*present, api.FINALIZER]
+                                      if api.FINALIZER not in present else present)
+
+    async def _change_finalizers(self, endpoint: Endpoint, change: Callable[[list[str]], list[str]]) -> None:
+        """Patch the finalizer list with the resourceVersion as precondition, so a finalizer another
+        controller adds at the same moment is not overwritten; on a conflict, read again and retry."""
+        for _ in range(5):
+            wanted = change(endpoint.finalizers)
+            if wanted == endpoint.finalizers:
+                return
+            try:
+                patched = await self.client.patch_endpoint(endpoint.namespace, endpoint.name, {"metadata": {
+                    "finalizers": wanted or None, "resourceVersion": endpoint.resource_version or None}})
+            except kube.KubeError as exc:
+                if exc.not_found:
+                    endpoint.finalizers = []
+                    return
+                if not exc.conflict:
+                    raise
+                current = await self.client.get_endpoint(endpoint.namespace, endpoint.name)
+                if current is None:
+                    endpoint.finalizers = []
+                    return
+                endpoint.finalizers = list(current["metadata"].get("finalizers") or ())
+                endpoint.resource_version = str(current["metadata"]["resourceVersion"])
+                continue
+            endpoint.finalizers = wanted
+            endpoint.resource_version = str(patched.get("metadata", {}).get("resourceVersion", ""))
+            return
+        raise kube.KubeError(409, "Conflict", "the finalizers kept changing; will retry")
 
     async def _clean_up(self, endpoint: Endpoint) -> None:
         """Deletion: remove what the endpoint wrote, then let Kubernetes delete it."""
@@ -545,14 +574,7 @@ class Controller:
         if self.redis is not None and ((endpoint.spec is not None and endpoint.spec.redis_enabled)
                                        or (endpoint.recorded.get("targets") or {}).get("redis")):
             await self._delete_redis(endpoint)  # best effort: the key expires with the token anyway
-        if api.FINALIZER in endpoint.finalizers:
-            remaining = [f for f in endpoint.finalizers if f != api.FINALIZER]
-            try:
-                await self.client.patch_endpoint(endpoint.namespace, endpoint.name,
-                                                 {"metadata": {"finalizers": remaining or None}})
-            except kube.KubeError as exc:
-                if not exc.not_found:
-                    raise
+        await self._change_finalizers(endpoint, lambda present: [f for f in present if f != api.FINALIZER])
         logger.info("Cleaned up after %s/%s.", endpoint.namespace, endpoint.name)
 
     async def _delete_redis(self, endpoint: Endpoint) -> None:
