@@ -14,6 +14,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
+import httpx
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -45,6 +46,8 @@ class Reason(enum.StrEnum):
     TARGET_WRITE_FAILED = "TargetWriteFailed"
     SUSPENDED = "Suspended"
     INVALID_SPEC = "InvalidSpec"
+    # The client's own key material (PrivateKeyJWT signing key, TLSClientAuth certificate) is unusable.
+    CLIENT_KEY_INVALID = "ClientKeyInvalid"
 
 
 class GrantType(enum.StrEnum):
@@ -53,8 +56,45 @@ class GrantType(enum.StrEnum):
 
 
 class ClientAuthMethod(enum.StrEnum):
-    CLIENT_SECRET_BASIC = "ClientSecretBasic"
-    CLIENT_SECRET_POST = "ClientSecretPost"
+    CLIENT_SECRET_BASIC = "ClientSecretBasic"  # RFC 6749 §2.3.1, Authorization: Basic
+    CLIENT_SECRET_POST = "ClientSecretPost"  # RFC 6749 §2.3.1, client_secret form field
+    CLIENT_SECRET_JWT = "ClientSecretJWT"  # RFC 7523 client assertion signed with the secret (HMAC)
+    PRIVATE_KEY_JWT = "PrivateKeyJWT"  # RFC 7523 client assertion signed with a private key
+    TLS_CLIENT_AUTH = "TLSClientAuth"  # RFC 8705 §2: the client certificate of a mutual-TLS connection
+
+    @property
+    def uses_client_secret(self) -> bool:
+        """Whether the client secret (clientSecretRef.clientSecretKey) is read and used."""
+        return self in (ClientAuthMethod.CLIENT_SECRET_BASIC, ClientAuthMethod.CLIENT_SECRET_POST,
+                        ClientAuthMethod.CLIENT_SECRET_JWT)
+
+
+class AssertionAlgorithm(enum.StrEnum):
+    """JWS algorithms of a client assertion: HS* sign with the client secret (ClientSecretJWT), the others
+    with a private key (PrivateKeyJWT)."""
+
+    RS256 = "RS256"
+    RS384 = "RS384"
+    RS512 = "RS512"
+    PS256 = "PS256"
+    PS384 = "PS384"
+    PS512 = "PS512"
+    ES256 = "ES256"
+    ES384 = "ES384"
+    ES512 = "ES512"
+    HS256 = "HS256"
+    HS384 = "HS384"
+    HS512 = "HS512"
+
+    @property
+    def is_hmac(self) -> bool:
+        return self.value.startswith("HS")
+
+
+class TrustStoreFormat(enum.StrEnum):
+    PEM = "PEM"
+    PKCS12 = "PKCS12"
+    JKS = "JKS"
 
 
 # Form fields the operator sets itself; a user parameter may not override them (SPEC §1, InvalidSpec).
@@ -108,12 +148,90 @@ class Parameter(_Model):
 class TrustStore(_Model):
     config_map_ref: KeySelector | None = None
     secret_ref: KeySelector | None = None
+    # None: detected from the content (PEM text, a JKS/JCEKS magic number, else PKCS#12).
+    format: TrustStoreFormat | None = None
+    # Key in the secretRef's Secret that holds the keystore password (PKCS#12, JKS).
+    password_key: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
         if (self.config_map_ref is None) == (self.secret_ref is None):
             raise ValueError("exactly one of configMapRef and secretRef must be set")
+        if self.password_key is not None and self.secret_ref is None:
+            raise ValueError("passwordKey needs secretRef: the password is read from the same Secret")
+        if self.password_key is not None and self.format is TrustStoreFormat.PEM:
+            raise ValueError("passwordKey is only allowed for the PKCS12 and JKS formats")
+        if self.format is TrustStoreFormat.JKS and self.password_key is None:
+            raise ValueError("a JKS trust store needs passwordKey (JKS files are checked with their password)")
         return self
+
+
+class PrivateKeySecretRef(_Model):
+    name: str = Field(min_length=1)
+    key: str = Field(default="tls.key", min_length=1)
+
+
+class ClientAssertion(_Model):
+    """RFC 7523 client assertion (PrivateKeyJWT, ClientSecretJWT)."""
+
+    private_key_secret_ref: PrivateKeySecretRef | None = None
+    # None: from the key (RSA -> RS256, EC P-256/384/521 -> ES256/384/512); HS256 for ClientSecretJWT.
+    algorithm: AssertionAlgorithm | None = None
+    key_id: str | None = Field(default=None, min_length=1, max_length=256)
+    # The aud claim; None: the tokenUrl (RFC 7523 §3), which every server accepts.
+    audience: str | None = Field(default=None, min_length=1, max_length=2048)
+    lifetime_seconds: int = Field(default=60, ge=10, le=3600)
+
+
+class ClientCertificateSecretRef(_Model):
+    """A kubernetes.io/tls Secret: keys tls.crt (certificate, then its chain) and tls.key."""
+
+    name: str = Field(min_length=1)
+
+
+class ProxyCredentialsSecretRef(_Model):
+    name: str = Field(min_length=1)
+    username_key: str = Field(default="username", min_length=1)
+    password_key: str = Field(default="password", min_length=1)
+
+
+class Proxy(_Model):
+    """The HTTP(S) proxy for the token endpoint; replaces HTTPS_PROXY/HTTP_PROXY/NO_PROXY for this endpoint."""
+
+    url: str = Field(min_length=1, max_length=2048)
+    credentials_secret_ref: ProxyCredentialsSecretRef | None = None
+
+    @model_validator(mode="after")
+    def _valid_url(self) -> Self:
+        check_proxy_url(self.url)
+        return self
+
+
+def check_proxy_url(url: str) -> None:
+    """ValueError unless ``url`` is http(s)://host[:port][/] without credentials, path, query or fragment."""
+    parts = parse_url(url, "proxy.url")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url) \
+            or not url.isascii():
+        raise ValueError("proxy.url must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("proxy.url must not carry credentials (user:password@); use credentialsSecretRef")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("proxy.url must be scheme://host[:port] only")
+
+
+def parse_url(url: str, field: str) -> urllib.parse.SplitResult:
+    """``url`` split, once both urllib and the HTTP client (httpx) can use it: a bad port, IPv6 literal or
+    IDNA host, or characters that NFKC-normalize into URL delimiters are refused here, as the spec error
+    naming ``field`` — whose message never repeats the URL, which may hold credentials."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+        _ = httpx.URL(url).host  # .host decodes an IDNA name (and fails on a bad one)
+    except (ValueError, httpx.InvalidURL):  # IDNAError is a UnicodeError, a ValueError
+        raise ValueError(f"{field} is not a valid URL (its host or port cannot be parsed)") from None
+    if port == 0:
+        raise ValueError(f"{field} has port 0")
+    return parts
 
 
 class RefreshPolicy(_Model):
@@ -155,14 +273,17 @@ class SecuredEndpointSpec(_Model):
     scopes: list[str] = Field(default_factory=list)
     audience: str | None = None
     parameters: list[Parameter] = Field(default_factory=list)
+    client_assertion: ClientAssertion | None = None
+    client_certificate_secret_ref: ClientCertificateSecretRef | None = None
     trust_store: TrustStore | None = None
+    proxy: Proxy | None = None
     refresh: RefreshPolicy = Field(default_factory=RefreshPolicy)
     suspend: bool = False
     target: Target = Field(default_factory=Target)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        url = urllib.parse.urlsplit(self.token_url)
+        url = parse_url(self.token_url, "tokenUrl")
         scheme = url.scheme.lower()
         if scheme not in ("https", "http") or not url.hostname or any(c.isspace() for c in self.token_url):
             raise ValueError("tokenUrl must be an absolute https:// URL with a host")
@@ -177,7 +298,32 @@ class SecuredEndpointSpec(_Model):
         names = [p.name for p in self.parameters]
         if len(names) != len(set(names)):
             raise ValueError("parameter names must be unique")
+        self._check_client_auth(scheme)
         return self
+
+    def _check_client_auth(self, scheme: str) -> None:
+        method, assertion = self.client_auth_method, self.client_assertion
+        jwt_methods = (ClientAuthMethod.PRIVATE_KEY_JWT, ClientAuthMethod.CLIENT_SECRET_JWT)
+        if method is ClientAuthMethod.PRIVATE_KEY_JWT and (
+                assertion is None or assertion.private_key_secret_ref is None):
+            raise ValueError("clientAssertion.privateKeySecretRef is required when clientAuthMethod is "
+                             "PrivateKeyJWT")
+        if assertion is not None and method not in jwt_methods:
+            raise ValueError("clientAssertion is only allowed when clientAuthMethod is PrivateKeyJWT or "
+                             "ClientSecretJWT")
+        if assertion is not None and method is ClientAuthMethod.CLIENT_SECRET_JWT:
+            if assertion.private_key_secret_ref is not None:
+                raise ValueError("clientAssertion.privateKeySecretRef is only allowed with PrivateKeyJWT "
+                                 "(ClientSecretJWT signs with the client secret)")
+            if assertion.algorithm is not None and not assertion.algorithm.is_hmac:
+                raise ValueError("clientAssertion.algorithm must be HS256, HS384 or HS512 with ClientSecretJWT")
+        if (method is ClientAuthMethod.PRIVATE_KEY_JWT and assertion is not None
+                and assertion.algorithm is not None and assertion.algorithm.is_hmac):
+            raise ValueError("clientAssertion.algorithm must be an RS, PS or ES algorithm with PrivateKeyJWT")
+        if method is ClientAuthMethod.TLS_CLIENT_AUTH and self.client_certificate_secret_ref is None:
+            raise ValueError("clientCertificateSecretRef is required when clientAuthMethod is TLSClientAuth")
+        if self.client_certificate_secret_ref is not None and scheme != "https":
+            raise ValueError("clientCertificateSecretRef needs an https:// tokenUrl")
 
     # -- derived views the controller relies on -------------------------------------------------
 
@@ -200,8 +346,15 @@ class SecuredEndpointSpec(_Model):
         return self.target.redis is not None and self.target.redis.enabled
 
     def referenced_sources(self) -> frozenset[SourceRef]:
-        """Every Secret/ConfigMap whose content goes into the token request."""
+        """Every Secret/ConfigMap whose content goes into the token request (a change to any of them — a
+        rotated signing key or client certificate included — means a new token at once)."""
         refs = {SourceRef("Secret", self.client_secret_ref.name)}
+        if self.client_assertion is not None and self.client_assertion.private_key_secret_ref is not None:
+            refs.add(SourceRef("Secret", self.client_assertion.private_key_secret_ref.name))
+        if self.client_certificate_secret_ref is not None:
+            refs.add(SourceRef("Secret", self.client_certificate_secret_ref.name))
+        if self.proxy is not None and self.proxy.credentials_secret_ref is not None:
+            refs.add(SourceRef("Secret", self.proxy.credentials_secret_ref.name))
         if self.password_secret_ref is not None:
             refs.add(SourceRef("Secret", self.password_secret_ref.name))
         for parameter in self.parameters:
@@ -220,8 +373,17 @@ class SecuredEndpointSpec(_Model):
             mode="json", by_alias=True,
             include={"token_url", "allow_insecure_http", "grant_type", "client_auth_method",
                      "client_secret_ref", "password_secret_ref", "scopes", "audience", "parameters",
-                     "trust_store"},
+                     "trust_store", "client_assertion", "client_certificate_secret_ref", "proxy"},
         )
+        # Fields added later count only when set, so an operator upgrade keeps every existing digest
+        # (and does not fetch ten thousand tokens at once).
+        for key in ("clientAssertion", "clientCertificateSecretRef", "proxy"):
+            if relevant.get(key) is None:
+                relevant.pop(key, None)
+        if isinstance(relevant.get("trustStore"), dict):
+            for key in ("format", "passwordKey"):
+                if relevant["trustStore"].get(key) is None:
+                    relevant["trustStore"].pop(key, None)
         canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

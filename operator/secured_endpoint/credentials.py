@@ -1,21 +1,37 @@
 """Read what a token request needs from the endpoint's own namespace: client id/secret, username/password,
-parameter values and the trust store, and say which Secret/ConfigMap versions they came from.
+parameter values, the assertion signing key, the client certificate, the trust store and the proxy
+credentials, and say which Secret/ConfigMap versions they came from.
 
 Values are taken as stored except for one trailing newline, which ``echo secret > file; kubectl create
-secret --from-file`` adds and no token server expects. Errors name the object and key, never a value.
+secret --from-file`` adds and no token server expects. Key material is parsed and checked here (a key
+that cannot sign, a certificate that does not match its key or has expired: ``ClientKeyInvalid``; a trust
+store with a wrong password or without a valid certificate: ``TrustStoreInvalid``), and every trust store
+format becomes the PEM bundle the token client takes. Errors name the object, the key and the spec field,
+never a value.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import SecretStr
 
 from secured_endpoint import api, kube
-from secured_endpoint.tokens import TokenRequest
+from secured_endpoint.tokens import (
+    ClientAssertion,
+    ClientCertificate,
+    ClientKeyInvalidError,
+    ProxyConfig,
+    TokenRequest,
+    TrustStoreInvalidError,
+    to_pem_bundle,
+)
+
+TLS_CERT_KEY = "tls.crt"  # the keys of a kubernetes.io/tls Secret
+TLS_KEY_KEY = "tls.key"
 
 
 class CredentialsError(Exception):
@@ -47,11 +63,15 @@ async def load(client: kube.KubeClient, namespace: str, spec: api.SecuredEndpoin
     versions = {str(ref): str(obj["metadata"]["resourceVersion"]) for ref, obj in objects.items()
                 if obj is not None}
 
-    def value(kind: str, name: str, key: str, field: str) -> str:
+    def raw_value(kind: str, name: str, key: str, field: str) -> bytes:
         raw = data[api.SourceRef(kind, name)].get(key)
         if raw is None:
             raise CredentialsError(api.Reason.CREDENTIALS_NOT_FOUND,
                                    f"{kind}/{name} has no key {key!r} (spec.{field})")
+        return raw
+
+    def value(kind: str, name: str, key: str, field: str) -> str:
+        raw = raw_value(kind, name, key, field)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -65,8 +85,10 @@ async def load(client: kube.KubeClient, namespace: str, spec: api.SecuredEndpoin
 
     client_ref = spec.client_secret_ref
     client_id = value("Secret", client_ref.name, client_ref.client_id_key, "clientSecretRef.clientIdKey")
-    client_secret = value("Secret", client_ref.name, client_ref.client_secret_key,
-                          "clientSecretRef.clientSecretKey")
+    client_secret = None
+    if spec.client_auth_method.uses_client_secret:
+        client_secret = SecretStr(value("Secret", client_ref.name, client_ref.client_secret_key,
+                                        "clientSecretRef.clientSecretKey"))
     username = password = None
     if spec.password_secret_ref is not None:
         user_ref = spec.password_secret_ref
@@ -81,34 +103,86 @@ async def load(client: kube.KubeClient, namespace: str, spec: api.SecuredEndpoin
                 "Secret", selector.name, selector.key, f"parameters[{index}].valueFrom.secretKeyRef"))))
         else:
             parameters.append((parameter.name, SecretStr(parameter.value or "")))
+    client_assertion = None
+    if spec.client_auth_method is api.ClientAuthMethod.CLIENT_SECRET_JWT:
+        assert client_secret is not None
+        settings = spec.client_assertion or api.ClientAssertion()
+        try:
+            client_assertion = ClientAssertion.from_client_secret(
+                client_secret, algorithm=settings.algorithm, key_id=settings.key_id,
+                lifetime_seconds=settings.lifetime_seconds, audience=settings.audience)
+        except ClientKeyInvalidError as exc:
+            raise CredentialsError(
+                exc.reason, f"Secret/{client_ref.name} key {client_ref.client_secret_key!r}: {exc.message} "
+                            "(spec.clientAuthMethod: ClientSecretJWT)") from None
+    elif spec.client_auth_method is api.ClientAuthMethod.PRIVATE_KEY_JWT:
+        signing = spec.client_assertion
+        assert signing is not None  # the model checks both
+        assert signing.private_key_secret_ref is not None
+        key_ref = signing.private_key_secret_ref
+        field = "clientAssertion.privateKeySecretRef"
+        pem = raw_value("Secret", key_ref.name, key_ref.key, f"{field}.key")
+        try:
+            client_assertion = ClientAssertion.from_private_key_pem(
+                pem, algorithm=signing.algorithm, key_id=signing.key_id,
+                lifetime_seconds=signing.lifetime_seconds, audience=signing.audience)
+        except ClientKeyInvalidError as exc:
+            raise CredentialsError(
+                exc.reason, f"Secret/{key_ref.name} key {key_ref.key!r}: {exc.message} (spec.{field})") from None
+
+    client_certificate = None
+    if spec.client_certificate_secret_ref is not None:
+        name, field = spec.client_certificate_secret_ref.name, "clientCertificateSecretRef"
+        certificate_pem = raw_value("Secret", name, TLS_CERT_KEY, field)
+        key_pem = raw_value("Secret", name, TLS_KEY_KEY, field)
+        try:
+            client_certificate = ClientCertificate.load(certificate_pem, key_pem)
+        except ClientKeyInvalidError as exc:
+            raise CredentialsError(exc.reason, f"Secret/{name}: {exc.message} (spec.{field})") from None
+
     trust_store_pem = None
     if spec.trust_store is not None:
-        trust_store_pem = _trust_store(spec.trust_store, data)
+        trust_store_pem = _trust_store(spec.trust_store, raw_value, value)
+
+    proxy = None
+    if spec.proxy is not None:
+        proxy_username = proxy_password = None
+        if spec.proxy.credentials_secret_ref is not None:
+            proxy_ref = spec.proxy.credentials_secret_ref
+            field = "proxy.credentialsSecretRef"
+            proxy_username = value("Secret", proxy_ref.name, proxy_ref.username_key, f"{field}.usernameKey")
+            proxy_password = SecretStr(value("Secret", proxy_ref.name, proxy_ref.password_key,
+                                             f"{field}.passwordKey"))
+        proxy = ProxyConfig(url=spec.proxy.url.rstrip("/"), username=proxy_username, password=proxy_password,
+                            source="spec.proxy.url")
 
     request = TokenRequest(
         token_url=spec.token_url, grant_type=spec.grant_type, client_auth_method=spec.client_auth_method,
-        client_id=client_id, client_secret=SecretStr(client_secret), username=username, password=password,
+        client_id=client_id, client_secret=client_secret, username=username, password=password,
         scopes=tuple(spec.scopes), audience=spec.audience, parameters=tuple(parameters),
-        trust_store_pem=trust_store_pem, refresh_token=refresh_token,
+        trust_store_pem=trust_store_pem, refresh_token=refresh_token, client_assertion=client_assertion,
+        client_certificate=client_certificate, proxy=proxy,
     )
     return LoadedCredentials(request=request, source_versions=versions)
 
 
-def _trust_store(trust_store: api.TrustStore, data: Mapping[api.SourceRef, dict[str, bytes]]) -> bytes:
+def _trust_store(trust_store: api.TrustStore, raw_value: Callable[[str, str, str, str], bytes],
+                 value: Callable[[str, str, str, str], str]) -> bytes:
+    """The store as a PEM bundle of the certificates valid now, whatever its format."""
     if trust_store.config_map_ref is not None:
-        ref, selector, field = "ConfigMap", trust_store.config_map_ref, "trustStore.configMapRef"
+        kind, selector, field = "ConfigMap", trust_store.config_map_ref, "trustStore.configMapRef"
     else:
         assert trust_store.secret_ref is not None  # the model guarantees exactly one
-        ref, selector, field = "Secret", trust_store.secret_ref, "trustStore.secretRef"
-    pem = data[api.SourceRef(ref, selector.name)].get(selector.key)
-    if pem is None:
-        raise CredentialsError(api.Reason.CREDENTIALS_NOT_FOUND,
-                               f"{ref}/{selector.name} has no key {selector.key!r} (spec.{field}.key)")
-    if b"-----BEGIN CERTIFICATE-----" not in pem:
-        raise CredentialsError(api.Reason.TRUST_STORE_INVALID,
-                               f"{ref}/{selector.name} key {selector.key!r} holds no PEM certificate "
-                               f"(spec.{field})")
-    return pem
+        kind, selector, field = "Secret", trust_store.secret_ref, "trustStore.secretRef"
+    content = raw_value(kind, selector.name, selector.key, f"{field}.key")
+    password = None
+    if trust_store.password_key is not None:
+        password = SecretStr(value(kind, selector.name, trust_store.password_key, "trustStore.passwordKey"))
+    try:
+        return to_pem_bundle(content, format=trust_store.format, password=password)
+    except TrustStoreInvalidError as exc:
+        raise CredentialsError(exc.reason, f"{kind}/{selector.name} key {selector.key!r}: {exc.message}"
+                                           f"{'' if 'spec.' in exc.message else f' (spec.{field})'}") from None
 
 
 async def _fetch(client: kube.KubeClient, namespace: str, ref: api.SourceRef) -> dict[str, Any] | None:

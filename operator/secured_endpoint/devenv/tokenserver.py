@@ -12,8 +12,12 @@ authentication per §2.3.1, error responses per §5.2) and has knobs to misbehav
 Endpoints:
 
 - ``POST /oauth2/token`` — grants ``client_credentials``, ``password`` and ``refresh_token``; client
-  authentication ``client_secret_basic`` (both parts form-urlencoded before base64) or
-  ``client_secret_post``.
+  authentication ``client_secret_basic`` (both parts form-urlencoded before base64),
+  ``client_secret_post``, ``client_secret_jwt`` and ``private_key_jwt`` (RFC 7523: the assertion's
+  signature, iss/sub, aud = token URL or issuer, exp, and jti replay are checked) and, with TLS,
+  ``tls_client_auth`` (RFC 8705 §2: the handshake asks for a client certificate, ``ssl.CERT_OPTIONAL``,
+  verified against the server's client CA and the certificates registered with ``add_client``; the
+  certificate's SHA-256 fingerprint or subject DN names the client).
 - ``GET /api/echo`` — a tiny protected backend: 200 with a currently valid ``Authorization: Bearer``
   token, 401 (RFC 6750) otherwise.
 - ``GET /healthz``, ``GET /admin/stats``, ``POST /admin/config`` (JSON knobs), ``POST /admin/revoke-all``,
@@ -37,6 +41,7 @@ import binascii
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -62,11 +67,17 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TOKEN_PATH = "/oauth2/token"
-AuthMethod = Literal["basic", "post"]
+AuthMethod = Literal["basic", "post", "client_secret_jwt", "private_key_jwt", "tls_client_auth"]
+AUTH_METHODS: frozenset[str] = frozenset(get_args(AuthMethod))
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+_SIGNATURE_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+MAX_ASSERTION_LIFETIME_SECONDS = 3600 + 60
 TokenFormat = Literal["opaque", "jwt"]
 Fault = Literal[
     "500", "503", "429", "bad_json", "html", "missing_access_token", "missing_token_type",
@@ -123,9 +134,39 @@ class CertificateAuthority:
                                     serialization.NoEncryption())
         return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
+    def issue_client_certificate(self, common_name: str, *, key_type: Literal["ec", "rsa"] = "ec",
+                                 not_before: dt.datetime | None = None,
+                                 not_after: dt.datetime | None = None) -> tuple[bytes, bytes]:
+        """A TLS client certificate (EKU clientAuth) for ``common_name``: ``(cert_pem, key_pem)``, the
+        shape of a kubernetes.io/tls Secret's tls.crt and tls.key."""
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            ec.generate_private_key(ec.SECP256R1()) if key_type == "ec"
+            else rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before or now - dt.timedelta(hours=1))
+            .not_valid_after(not_after or now + dt.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
-def generate_ca(common_name: str = "secured-endpoint devenv CA") -> CertificateAuthority:
-    """A new self-signed CA; also handy in tests as a trust store that matches nothing."""
+
+def generate_ca(common_name: str = "secured-endpoint devenv CA", *, not_before: dt.datetime | None = None,
+                not_after: dt.datetime | None = None) -> CertificateAuthority:
+    """A new self-signed CA; also handy in tests as a trust store that matches nothing (or, with a
+    ``not_after`` in the past, as an expired one)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
@@ -135,8 +176,8 @@ def generate_ca(common_name: str = "secured-endpoint devenv CA") -> CertificateA
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
+        .not_valid_before(not_before or now - dt.timedelta(hours=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -154,9 +195,13 @@ def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False,
     )
 
 
-def _server_ssl_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+def _server_ssl_context(cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None = None) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_ca_pem is not None:
+        # Ask every client for a certificate (tls_client_auth) without requiring one (the other methods).
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
     # load_cert_chain reads files only; the files live just long enough to be read.
     with tempfile.TemporaryDirectory(prefix="tokenserver-") as directory:
         cert_file, key_file = Path(directory, "tls.crt"), Path(directory, "tls.key")
@@ -216,6 +261,11 @@ class RecordedRequest:
     # The access/refresh token the answer carried (also in faulty answers), to check that none leaks.
     access_token: str | None = field(default=None, repr=False)
     refresh_token: str | None = field(default=None, repr=False)
+    # A client assertion's header and claims as received (also when refused); None without one.
+    assertion_header: dict[str, Any] | None = field(default=None, repr=False)
+    assertion_claims: dict[str, Any] | None = field(default=None, repr=False)
+    # "sha256:<hex>" of the TLS client certificate presented on the connection, if any.
+    client_certificate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -232,10 +282,25 @@ class IssuedToken:
 @dataclass(frozen=True)
 class _Client:
     client_id: str
-    secret: str
+    secret: str | None
     auth_methods: frozenset[str]
     grant_types: frozenset[str] | None
     scopes: frozenset[str] | None
+    assertion_keys: tuple[PublicKeyTypes, ...] = ()
+    tls_fingerprints: frozenset[str] = frozenset()
+    tls_subjects: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Presented:
+    """The client credentials of one request, as presented, not yet checked."""
+
+    client_id: str | None
+    method: AuthMethod | None
+    secret: str | None = None
+    assertion: str | None = None
+    assertion_header: dict[str, Any] | None = None
+    assertion_claims: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -302,13 +367,17 @@ class TokenServer:
         self._jwt_key = secrets.token_bytes(32)
         self._http: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._seen_jtis: dict[str, float] = {}  # client assertion jti -> exp, against replays
         self._ca: CertificateAuthority | None = None
+        self._client_ca: CertificateAuthority | None = None
         self._ssl_context: ssl.SSLContext | None = None
         if tls:
             self._ca = generate_ca()
+            self._client_ca = generate_ca("secured-endpoint devenv client CA")
             wildcard = host in ("", "0.0.0.0")  # noqa: S104 - a name check, nothing is bound here
             sans = ["127.0.0.1", "localhost", *([] if wildcard else [host]), *tls_hosts]
-            self._ssl_context = _server_ssl_context(*self._ca.issue_server_certificate(sans))
+            self._ssl_context = _server_ssl_context(*self._ca.issue_server_certificate(sans),
+                                                    client_ca_pem=self._client_ca.cert_pem)
 
     # -- lifecycle --
 
@@ -375,17 +444,61 @@ class TokenServer:
             raise RuntimeError("the token server runs without TLS")
         return self._ca.cert_pem
 
+    @property
+    def client_ca(self) -> CertificateAuthority:
+        """The CA whose client certificates the server accepts for tls_client_auth (TLS only)."""
+        if self._client_ca is None:
+            raise RuntimeError("the token server runs without TLS")
+        return self._client_ca
+
+    def issue_client_certificate(self, common_name: str, **options: Any) -> tuple[bytes, bytes]:
+        """A client certificate from the server's client CA: ``(cert_pem, key_pem)`` (TLS only)."""
+        return self.client_ca.issue_client_certificate(common_name, **options)
+
     # -- registries --
 
-    def add_client(self, client_id: str, client_secret: str, *,
-                   auth_methods: Collection[AuthMethod] = ("basic", "post"),
+    def add_client(self, client_id: str, client_secret: str | None = None, *,
+                   auth_methods: Collection[AuthMethod] | None = None,
                    grant_types: Collection[str] | None = None,
-                   scopes: Collection[str] | None = None) -> None:
-        """Register a confidential client. ``grant_types``/``scopes`` None allow every grant/scope;
-        otherwise others are refused with unauthorized_client/invalid_scope."""
-        unknown = set(auth_methods) - {"basic", "post"}
+                   scopes: Collection[str] | None = None,
+                   assertion_keys: Iterable[bytes | PublicKeyTypes | PrivateKeyTypes] = (),
+                   tls_client_certificate: bytes | None = None,
+                   tls_client_subject: str | None = None) -> None:
+        """Register (or replace) a confidential client.
+
+        ``assertion_keys``: the public keys (PEM, or key objects; a private key stands for its public key)
+        that verify its private_key_jwt assertions. ``tls_client_certificate`` (PEM; also trusted as is, so
+        self-signed ones work) or ``tls_client_subject`` (an RFC 4514 DN such as ``CN=orders``): the client
+        certificate of its tls_client_auth. ``auth_methods`` None: every method the given credentials
+        allow (basic, post and client_secret_jwt with a secret, private_key_jwt with keys, tls_client_auth
+        with a certificate or subject). ``grant_types``/``scopes`` None allow every grant/scope; otherwise
+        others are refused with unauthorized_client/invalid_scope."""
+        keys = tuple(_public_key(key) for key in assertion_keys)
+        fingerprints: set[str] = set()
+        if tls_client_certificate is not None:
+            certificate = x509.load_pem_x509_certificate(tls_client_certificate)
+            fingerprints.add(_fingerprint(certificate.public_bytes(serialization.Encoding.DER)))
+            if self._ssl_context is not None:  # trusted from now on, for self-signed certificates
+                self._ssl_context.load_verify_locations(cadata=tls_client_certificate.decode("ascii"))
+        subjects = frozenset({tls_client_subject} if tls_client_subject else set())
+        if auth_methods is None:
+            derived: list[AuthMethod] = []
+            if client_secret is not None:
+                derived += ["basic", "post", "client_secret_jwt"]
+            if keys:
+                derived.append("private_key_jwt")
+            if fingerprints or subjects:
+                derived.append("tls_client_auth")
+            auth_methods = derived
+        unknown = set(auth_methods) - AUTH_METHODS
         if unknown or not auth_methods:
-            raise ValueError("auth_methods must be a non-empty subset of {'basic', 'post'}")
+            raise ValueError(f"auth_methods must be a non-empty subset of {sorted(AUTH_METHODS)}")
+        if client_secret is None and set(auth_methods) & {"basic", "post", "client_secret_jwt"}:
+            raise ValueError("basic, post and client_secret_jwt need a client secret")
+        if "private_key_jwt" in auth_methods and not keys:
+            raise ValueError("private_key_jwt needs assertion_keys")
+        if "tls_client_auth" in auth_methods and not (fingerprints or subjects):
+            raise ValueError("tls_client_auth needs tls_client_certificate or tls_client_subject")
         if grant_types is not None and not set(grant_types) <= GRANT_TYPES:
             raise ValueError(f"grant_types must be a subset of {sorted(GRANT_TYPES)}")
         with self._lock:
@@ -393,6 +506,7 @@ class TokenServer:
                 client_id, client_secret, frozenset(auth_methods),
                 None if grant_types is None else frozenset(grant_types),
                 None if scopes is None else frozenset(scopes),
+                assertion_keys=keys, tls_fingerprints=frozenset(fingerprints), tls_subjects=subjects,
             )
 
     def add_user(self, username: str, password: str) -> None:
@@ -537,12 +651,13 @@ class TokenServer:
     # -- request handling (called from handler threads) --
 
     def _dispatch(self, method: str, path: str, headers: Message, body: bytes,
-               wait: Callable[[float], bool]) -> _Reply | None:
-        """The answer to one request; None means "drop the connection" (the server is going down)."""
+               wait: Callable[[float], bool], peer_certificate: bytes | None = None) -> _Reply | None:
+        """The answer to one request; None means "drop the connection" (the server is going down).
+        ``peer_certificate``: the DER client certificate of the TLS connection, if one was presented."""
         if path == TOKEN_PATH:
             if method != "POST":
                 return _Reply(HTTPStatus.METHOD_NOT_ALLOWED, headers={"Allow": "POST"})
-            return self._token_endpoint(headers, body, wait)
+            return self._token_endpoint(headers, body, wait, peer_certificate)
         routes: dict[tuple[str, str], Callable[[], _Reply]] = {
             ("GET", "/healthz"): lambda: _Reply(200, b"ok\n", "text/plain;charset=UTF-8"),
             ("GET", "/admin/stats"): lambda: _Reply.json(200, self.stats()),
@@ -592,30 +707,36 @@ class TokenServer:
             "issuer": self.url,
             "token_endpoint": self.token_url,
             "grant_types_supported": sorted(GRANT_TYPES),
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "token_endpoint_auth_methods_supported": [
+                "client_secret_basic", "client_secret_post", "client_secret_jwt", "private_key_jwt",
+                *(["tls_client_auth", "self_signed_tls_client_auth"] if self._ssl_context is not None else []),
+            ],
+            "token_endpoint_auth_signing_alg_values_supported": [*_SIGNATURE_ALGORITHMS, *_HMAC_ALGORITHMS],
         })
 
-    def _token_endpoint(self, headers: Message, body: bytes, wait: Callable[[float], bool]) -> _Reply | None:
+    def _token_endpoint(self, headers: Message, body: bytes, wait: Callable[[float], bool],
+                        peer_certificate: bytes | None = None) -> _Reply | None:
         knobs, fault = self._take_fault()
         if knobs.delay_seconds > 0 and wait(knobs.delay_seconds):
             return None
         form: dict[str, str] = {}
-        client_id: str | None = None
-        auth_method: AuthMethod | None = None
+        presented = _Presented(None, None)
         try:
             form = _parse_form(headers, body)
-            client_id, secret, auth_method = _client_credentials(headers, form)
+            presented = _client_credentials(headers, form, peer_certificate)
             if fault is not None:
                 reply = _fault_reply(fault, knobs, self.url, body)
             else:
-                reply = self._grant(knobs, form, self._authenticate(client_id, secret, auth_method))
+                reply = self._grant(knobs, form, self._authenticate(presented, peer_certificate))
         except _OAuthError as error:
             reply = error.reply()
         with self._lock:
             self._requests.append(RecordedRequest(
-                time=time.time(), grant_type=form.get("grant_type"), client_id=client_id,
-                auth_method=auth_method, form=form, status=reply.status, error=reply.error,
+                time=time.time(), grant_type=form.get("grant_type"), client_id=presented.client_id,
+                auth_method=presented.method, form=form, status=reply.status, error=reply.error,
                 access_token=reply.access_token, refresh_token=reply.refresh_token,
+                assertion_header=presented.assertion_header, assertion_claims=presented.assertion_claims,
+                client_certificate=None if peer_certificate is None else _fingerprint(peer_certificate),
             ))
         return reply
 
@@ -628,18 +749,69 @@ class TokenServer:
                     knobs, fault=knobs.fault if remaining else None, fault_count=remaining or None)
             return knobs, knobs.fault
 
-    def _authenticate(self, client_id: str | None, secret: str | None, method: AuthMethod | None) -> _Client:
-        if method is None or client_id is None or secret is None:
+    def _authenticate(self, presented: _Presented, peer_certificate: bytes | None) -> _Client:
+        method, client_id = presented.method, presented.client_id
+        if method is None or client_id is None:
             raise _OAuthError("invalid_client", "client authentication is required", 401)
         with self._lock:
             client = self._clients.get(client_id)
-        # Compare even for unknown clients, so timing does not tell which client ids exist.
-        expected = client.secret if client is not None else secrets.token_urlsafe(16)
-        if not hmac.compare_digest(expected.encode(), secret.encode()) or client is None:
+        if method in ("basic", "post"):
+            secret = presented.secret or ""
+            # Compare even for unknown clients, so timing does not tell which client ids exist.
+            expected = client.secret if client is not None and client.secret is not None else secrets.token_urlsafe(16)
+            if not hmac.compare_digest(expected.encode(), secret.encode()) or client is None:
+                raise _OAuthError("invalid_client", "client authentication failed", 401)
+        elif client is None:
             raise _OAuthError("invalid_client", "client authentication failed", 401)
         if method not in client.auth_methods:
-            raise _OAuthError("invalid_client", f"client_secret_{method} is not allowed for this client", 401)
+            label = f"client_secret_{method}" if method in ("basic", "post") else method
+            raise _OAuthError("invalid_client", f"{label} is not allowed for this client", 401)
+        if method in ("client_secret_jwt", "private_key_jwt"):
+            self._verify_assertion(client, presented)
+        elif method == "tls_client_auth":
+            _verify_client_certificate(client, peer_certificate)
         return client
+
+    def _verify_assertion(self, client: _Client, presented: _Presented) -> None:
+        """RFC 7523 §3: signature, iss = sub = client id, aud = this token endpoint (or the issuer), exp in
+        the future and not too far, jti never seen before."""
+        assert presented.assertion is not None
+        assert presented.assertion_header is not None
+        algorithm = str(presented.assertion_header.get("alg"))
+        keys: Sequence[str | PublicKeyTypes]
+        if presented.method == "client_secret_jwt":
+            assert client.secret is not None  # client_secret_jwt is only allowed with a secret
+            keys = [client.secret]
+        else:
+            keys = client.assertion_keys
+        claims: dict[str, Any] | None = None
+        for key in keys:
+            try:
+                claims = jwt.decode(
+                    presented.assertion, key,  # type: ignore[arg-type]
+                    algorithms=[algorithm], audience=[self.token_url, self.url], issuer=client.client_id,
+                    options={"require": ["iss", "sub", "aud", "exp", "jti"]}, leeway=5,
+                )
+                break
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError, TypeError, ValueError):
+                continue  # another key (rotation), or a key of another type
+            except jwt.InvalidTokenError as exc:
+                raise _OAuthError("invalid_client", f"the client assertion is invalid: {exc}", 401) from None
+        if claims is None:
+            raise _OAuthError("invalid_client", "the client assertion's signature does not verify", 401)
+        if claims["sub"] != client.client_id:
+            raise _OAuthError("invalid_client", "the client assertion's sub is not the client id", 401)
+        now = time.time()
+        if float(claims["exp"]) - now > MAX_ASSERTION_LIFETIME_SECONDS:
+            raise _OAuthError("invalid_client", "the client assertion lives too long", 401)
+        jti = str(claims["jti"])
+        with self._lock:
+            for seen, expires in list(self._seen_jtis.items()):
+                if expires < now - 60:
+                    del self._seen_jtis[seen]
+            if jti in self._seen_jtis:
+                raise _OAuthError("invalid_client", "the client assertion was used before (jti replay)", 401)
+            self._seen_jtis[jti] = float(claims["exp"])
 
     def _grant(self, knobs: Knobs, form: Mapping[str, str], client: _Client) -> _Reply:
         grant_type = form.get("grant_type")
@@ -740,11 +912,43 @@ def _parse_form(headers: Message, body: bytes) -> dict[str, str]:
     return form
 
 
-def _client_credentials(headers: Message, form: Mapping[str, str]
-                        ) -> tuple[str | None, str | None, AuthMethod | None]:
-    """``(client_id, secret, method)`` as presented, not yet checked."""
+def _public_key(key: bytes | PublicKeyTypes | PrivateKeyTypes) -> PublicKeyTypes:
+    if isinstance(key, bytes):
+        if b"PRIVATE KEY" in key:
+            return serialization.load_pem_private_key(key, password=None).public_key()
+        return serialization.load_pem_public_key(key)
+    if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        return key.public_key()
+    if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return key
+    raise ValueError("assertion keys are RSA or EC keys (PEM or key objects)")
+
+
+def _fingerprint(der: bytes) -> str:
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def _verify_client_certificate(client: _Client, peer_certificate: bytes | None) -> None:
+    """RFC 8705 §2: the (already chain-verified) certificate of the connection must be the client's."""
+    if peer_certificate is None:
+        raise _OAuthError("invalid_client", "tls_client_auth needs a client certificate on the connection", 401)
+    certificate = x509.load_der_x509_certificate(peer_certificate)
+    if (_fingerprint(peer_certificate) not in client.tls_fingerprints
+            and certificate.subject.rfc4514_string() not in client.tls_subjects):
+        raise _OAuthError("invalid_client", "the client certificate is not the one registered for this client",
+                          401)
+
+
+def _client_credentials(headers: Message, form: Mapping[str, str], peer_certificate: bytes | None = None
+                        ) -> _Presented:
+    """The client credentials as presented, not yet checked."""
     authorization = headers.get("Authorization", "")
     scheme, _, encoded = authorization.partition(" ")
+    has_assertion = "client_assertion" in form or "client_assertion_type" in form
+    if has_assertion:
+        if scheme.lower() == "basic" or "client_secret" in form:
+            raise _OAuthError("invalid_request", "use exactly one client authentication method")
+        return _assertion_credentials(form)
     if scheme.lower() == "basic":
         if "client_secret" in form:
             raise _OAuthError("invalid_request", "use exactly one client authentication method")
@@ -759,10 +963,36 @@ def _client_credentials(headers: Message, form: Mapping[str, str]
         client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
         if form.get("client_id", client_id) != client_id:
             raise _OAuthError("invalid_request", "client_id in the body differs from the Basic credentials")
-        return client_id, secret, "basic"
+        return _Presented(client_id, "basic", secret=secret)
     if "client_secret" in form:
-        return form.get("client_id"), form["client_secret"], "post"
-    return form.get("client_id"), None, None
+        return _Presented(form.get("client_id"), "post", secret=form["client_secret"])
+    if peer_certificate is not None and form.get("client_id"):
+        return _Presented(form["client_id"], "tls_client_auth")
+    return _Presented(form.get("client_id"), None)
+
+
+def _assertion_credentials(form: Mapping[str, str]) -> _Presented:
+    if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+        raise _OAuthError("invalid_request", f"client_assertion_type must be {CLIENT_ASSERTION_TYPE}")
+    assertion = form.get("client_assertion", "")
+    try:
+        header = jwt.get_unverified_header(assertion)
+        claims = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise _OAuthError("invalid_client", "the client assertion is not a JWT", 401) from None
+    algorithm = header.get("alg")
+    if algorithm in _HMAC_ALGORITHMS:
+        method: AuthMethod = "client_secret_jwt"
+    elif algorithm in _SIGNATURE_ALGORITHMS:
+        method = "private_key_jwt"
+    else:
+        raise _OAuthError("invalid_client", "the client assertion's alg is not supported", 401)
+    subject = claims.get("sub")
+    client_id = form.get("client_id") or (subject if isinstance(subject, str) else None)
+    if form.get("client_id") is not None and subject != form["client_id"]:
+        raise _OAuthError("invalid_client", "client_id differs from the client assertion's sub", 401)
+    return _Presented(client_id, method, assertion=assertion, assertion_header=dict(header),
+                      assertion_claims=dict(claims))
 
 
 def _scope_param(form: Mapping[str, str]) -> str | None:
@@ -869,8 +1099,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.request.settimeout(self.timeout)
+        self.peer_certificate: bytes | None = None
         if isinstance(self.request, ssl.SSLSocket):
             self.request.do_handshake()
+            self.peer_certificate = self.request.getpeercert(binary_form=True)
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -902,7 +1134,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length) if length else b""
         reply = self.server.app._dispatch(method, urlsplit(self.path).path, self.headers, body,
-                                       self.server.closing.wait)
+                                          self.server.closing.wait, self.peer_certificate)
         if reply is None:
             self.close_connection = True
             return

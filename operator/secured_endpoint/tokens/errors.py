@@ -8,7 +8,9 @@
     ├── TokenRequestFailedError     TokenRequestFailed     no    5xx, 429, timeouts, connection/DNS errors
     │                                                      yes   other OAuth errors and other 4xx
     ├── InvalidTokenResponseError   InvalidTokenResponse   no    not an RFC 6749 §5.1 answer, redirects
-    └── TrustStoreInvalidError      TrustStoreInvalid      no    bad PEM bundle, certificate does not verify
+    ├── TrustStoreInvalidError      TrustStoreInvalid      no    bad PEM bundle, certificate does not verify
+    └── ClientKeyInvalidError       ClientKeyInvalid       yes   the signing key or client certificate
+                                                                 cannot be used (parse, match, expiry)
 
 ``permanent`` means "retrying the same request will not help until the spec or a Secret changes"; the
 controller backs off harder instead of hammering the token server (SPEC §5).
@@ -122,3 +124,11 @@ class TrustStoreInvalidError(TokenError):
 
     reason = api.Reason.TRUST_STORE_INVALID
     default_permanent = False
+
+
+class ClientKeyInvalidError(TokenError):
+    """The client's own key material — the PrivateKeyJWT signing key, the TLSClientAuth certificate and key —
+    cannot be used. Messages describe the problem, never the key."""
+
+    reason = api.Reason.CLIENT_KEY_INVALID
+    default_permanent = True
