@@ -57,6 +57,7 @@ class Endpoint:
     recorded: dict[str, Any]
     resource_version: str = ""
     token: IssuedToken | None = None
+    served_until: datetime | None = None  # expiry of the newest token a target holds (what gateways can use)
     refresh_token: SecretStr | None = None  # in memory only: after a restart the password grant is used
     failures: int = 0
     refresh_at: datetime | None = None  # when a new token is due (a failed fetch moves it to the retry)
@@ -154,6 +155,7 @@ class Controller:
                 spec=spec, spec_error=spec_error, refresh_request=None, deleting=False, finalizers=[],
                 recorded=recorded, failures=int(recorded.get("consecutiveFailures") or 0),
                 refresh_at=status.parse_timestamp(recorded.get("nextRefreshTime")),
+                served_until=status.parse_timestamp(recorded.get("expiresAt")),
             )
             self.endpoints[key] = endpoint
         endpoint.generation = meta.get("generation", 0)
@@ -187,8 +189,9 @@ class Controller:
             self.secret_target.forget(namespace, secret_name)
         key = self.owner_of_secret.get((namespace, secret_name))
         endpoint = self.endpoints.get(key) if key is not None else None
-        if endpoint is None or fingerprint == endpoint.recorded.get("tokenFingerprint"):
-            return
+        if endpoint is None or fingerprint == endpoint.recorded.get("tokenFingerprint") \
+                or (endpoint.token is not None and fingerprint == endpoint.token.fingerprint):
+            return  # what the operator wrote (its watch event may come before the status is updated)
         endpoint.targets_dirty = True
         self._plan(endpoint, startup=False)
 
@@ -385,16 +388,28 @@ class Controller:
         except tokens.TokenError as exc:
             metrics.TOKEN_REQUESTS.labels(result=str(exc.reason)).inc()
             retry_at = schedule.retry_time(now=now, failures=endpoint.failures + 1, permanent=exc.permanent,
-                                           expires_at=endpoint.recorded_time("expiresAt"), rng=self.rng)
+                                           expires_at=endpoint.served_until, rng=self.rng)
+            if exc.retry_after_seconds is not None:  # the server said when to come back (429, 503)
+                retry_at = max(retry_at, now + timedelta(seconds=min(exc.retry_after_seconds, _MAX_RETRY_AFTER)))
             await self._fetch_failed(endpoint, exc.reason, str(exc), now=now, inputs=inputs,
                                      retry_at=retry_at, handled_request=handled_request)
             return None
         except kube.KubeError as exc:
             retry_at = schedule.retry_time(now=now, failures=endpoint.failures + 1, permanent=False,
-                                           expires_at=endpoint.recorded_time("expiresAt"), rng=self.rng)
+                                           expires_at=endpoint.served_until, rng=self.rng)
             await self._fetch_failed(endpoint, api.Reason.CREDENTIALS_NOT_FOUND,
                                      f"cannot read the referenced Secrets: {exc}", now=now, inputs=inputs,
                                      retry_at=retry_at, handled_request=handled_request)
+            return None
+        except Exception as exc:
+            # a library raised what the token client does not classify (a bug to fix, not a reason to
+            # leave the status silent); its text may quote input, so only its type is shown
+            logger.error("Unexpected %s while fetching the token of %s/%s.", type(exc).__name__, *endpoint.key)
+            retry_at = schedule.retry_time(now=now, failures=endpoint.failures + 1, permanent=False,
+                                           expires_at=endpoint.served_until, rng=self.rng)
+            await self._fetch_failed(endpoint, api.Reason.TOKEN_REQUEST_FAILED,
+                                     f"unexpected {type(exc).__name__} while requesting the token", now=now,
+                                     inputs=inputs, retry_at=retry_at, handled_request=handled_request)
             return None
         finally:
             endpoint.fetching = False
@@ -413,14 +428,11 @@ class Controller:
         endpoint.refresh_at = schedule.refresh_time(
             issued_at=now, expires_at=expires_at, refresh_before_seconds=spec.refresh.refresh_before_seconds,
             refresh_before_percent=spec.refresh.refresh_before_percent, rng=self.rng)
-        # recorded before the targets are written, so their watch events already match the status
-        endpoint.recorded.update({
-            "tokenType": token.token_type, "scope": token.scope,
-            "expiresAt": status.timestamp(expires_at), "lastRefreshTime": status.timestamp(now),
-            "nextRefreshTime": status.timestamp(endpoint.refresh_at), "tokenFingerprint": token.fingerprint,
-            "tokenConfigHash": inputs.config_hash, "sourceVersions": loaded.source_versions,
-            "lastRefreshRequest": handled_request,
-        })
+        # what the token was made from is recorded now (a failed write is retried with this token, not a new
+        # one); what the token is, only once a target holds it (_write_targets): the status describes the
+        # token gateways can read, and gateways report its fingerprint
+        endpoint.recorded.update({"tokenConfigHash": inputs.config_hash, "sourceVersions": loaded.source_versions,
+                                  "lastRefreshRequest": handled_request})
         endpoint.token = token
         return token
 
@@ -439,6 +451,7 @@ class Controller:
             if token is not None and token.fingerprint == endpoint.recorded.get("tokenFingerprint") \
                     and token.valid_at(now):
                 endpoint.token = token
+                endpoint.served_until = token.expires_at
                 return token
         return None
 
@@ -468,12 +481,19 @@ class Controller:
                 failures.append(str(exc))
         elif self.redis is not None and (endpoint.recorded.get("targets") or {}).get("redis"):
             await self._delete_redis(endpoint)  # the Redis target was switched off
-        if old_name and old_name != endpoint.secret_name:
+        if old_name and old_name != endpoint.secret_name and (written["secret"] or target is None):
+            # only once the token is in its new place: the old Secret may be all gateways have
             try:
                 await self.secret_target.delete(endpoint.owner, old_name)
             except TargetError as exc:
                 logger.warning("Could not remove the old token Secret of %s/%s: %s",
                                endpoint.namespace, endpoint.name, exc)
+        if written["secret"] or written["redis"]:
+            endpoint.served_until = token.expires_at
+            endpoint.recorded.update({
+                "tokenType": token.token_type, "scope": token.scope, "expiresAt": token.expires_at_text,
+                "lastRefreshTime": status.timestamp(token.issued_at), "tokenFingerprint": token.fingerprint,
+            })
         if failures:
             endpoint.failures += 1
             endpoint.rewrite_at = schedule.retry_time(now=now, failures=endpoint.failures, permanent=False,
@@ -515,7 +535,7 @@ class Controller:
                               now: datetime, next_action: datetime | None, extra: Mapping[str, Any]) -> None:
         metrics.REFRESH_FAILURES.labels(reason=str(reason)).inc()
         logger.warning("%s/%s is not ready (%s): %s", endpoint.namespace, endpoint.name, reason, message)
-        expires_at = endpoint.recorded_time("expiresAt")
+        expires_at = endpoint.served_until
         if next_action is not None:
             self.scheduler.schedule(endpoint.key, next_action.timestamp(), keep_earlier=True)
         await self._publish(endpoint, ready=False, reason=reason,
@@ -527,7 +547,7 @@ class Controller:
 
     async def _suspend(self, endpoint: Endpoint, now: datetime) -> None:
         self.scheduler.cancel(endpoint.key)
-        expires_at = endpoint.recorded_time("expiresAt")
+        expires_at = endpoint.served_until
         await self._publish(endpoint, ready=False, reason=api.Reason.SUSPENDED,
                             message=f"spec.suspend is true: no token is requested; "
                                     f"{status.still_usable(expires_at, now)}",
@@ -641,6 +661,8 @@ class Controller:
             if endpoint.spec is not None:
                 endpoint.secret_name = secret_name
 
+
+_MAX_RETRY_AFTER = 3600.0  # a server's Retry-After is honoured up to an hour
 
 _TOKEN_FIELDS = ("tokenType", "scope", "expiresAt", "lastRefreshTime", "nextRefreshTime", "tokenFingerprint",
                  "tokenConfigHash", "sourceVersions", "lastRefreshRequest")

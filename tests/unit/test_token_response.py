@@ -74,8 +74,10 @@ def test_bearer_is_normalised(token_type: str) -> None:
 
 
 @pytest.mark.parametrize("token_type", ["mac", "DPoP", "N_A"])
-def test_other_token_types_are_kept_as_given(token_type: str) -> None:
-    assert ok(token_type=token_type).token_type == token_type
+def test_other_token_types_are_refused(token_type: str) -> None:
+    # a gateway can only send a Bearer token as is (DPoP and MAC need a proof per request)
+    with pytest.raises(InvalidTokenResponseError, match=f"token_type '{token_type}'; only Bearer"):
+        ok(token_type=token_type)
 
 
 @pytest.mark.parametrize(

@@ -128,9 +128,11 @@ def _success(status_code: int, document: dict[str, Any]) -> TokenResponse:
     token_type = token_type.strip()
     if not _TOKEN_TYPE.fullmatch(token_type):
         raise invalid("has a token_type that is not a short printable name")
-    # RFC 6749 §5.1: token_type is case insensitive; gateways build "Bearer <token>" from it.
-    if token_type.lower() == "bearer":
-        token_type = "Bearer"
+    # RFC 6749 §5.1: token_type is case insensitive. Only Bearer (RFC 6750) can be used by a gateway as is:
+    # a DPoP or MAC token needs a proof computed per request, which a token in a Secret cannot carry.
+    if token_type.lower() != "bearer":
+        raise invalid(f"has token_type {token_type!r}; only Bearer tokens can be handed to gateways")
+    token_type = "Bearer"
 
     refresh_token = document.get("refresh_token")
     return TokenResponse(
