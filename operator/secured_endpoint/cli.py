@@ -70,7 +70,8 @@ def _run(args: argparse.Namespace) -> int:
         # kopf says "Handler ... succeeded" for every event of every watched Secret and ConfigMap; the
         # operator's own log says what happened to each endpoint
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=args.kubeconfig)
+    memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=args.kubeconfig,
+                     clusterwide=args.all_namespaces, namespaces=tuple(args.namespace))
     kopf.run(registry=wiring.registry, clusterwide=args.all_namespaces, namespaces=args.namespace,
              standalone=True, liveness_endpoint=args.liveness, memo=memo)
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -39,6 +39,10 @@ class SourceIndex(Protocol):
     def source_version(self, namespace: str, ref: api.SourceRef) -> str | None: ...
 
     def target_fingerprint(self, namespace: str, secret_name: str) -> str | None: ...
+
+    def unwatched_hint(self, namespace: str, refs: Iterable[api.SourceRef]) -> str | None:
+        """With a source label selector: which referenced objects lack the label (rotation goes unseen)."""
+        ...
 
 
 @dataclass
@@ -124,7 +128,7 @@ class Controller:
         self.endpoints: dict[Key, Endpoint] = {}
         self.users_of_source: dict[tuple[str, api.SourceRef], set[Key]] = {}
         self.owner_of_secret: dict[tuple[str, str], Key] = {}  # token Secret -> endpoint
-        self.secret_target = SecretTarget(self.client)
+        self.secret_target = SecretTarget(self.client, labels=self.settings.source_labels)
         self.scheduler: schedule.Scheduler[Key] = schedule.Scheduler(
             self._reconcile_or_retry, concurrency=self.settings.refresh_concurrency, name="refresh")
 
@@ -200,8 +204,11 @@ class Controller:
         endpoint = self.endpoints.get(key)
         if endpoint is None or endpoint.spec is None or not endpoint.spec.refresh.reactive:
             return False
-        if fingerprint != endpoint.recorded.get("tokenFingerprint") or endpoint.fetching:
-            return False  # the current token, or the one being fetched, is newer than what the gateway saw
+        newer_in_hand = endpoint.token is not None and endpoint.token.fingerprint != fingerprint
+        if fingerprint != endpoint.recorded.get("tokenFingerprint") or endpoint.fetching or newer_in_hand:
+            # the token in the targets, the one being fetched, or the one being written is newer than what
+            # the gateway saw
+            return False
         endpoint.reactive_fingerprint = fingerprint
         self._plan(endpoint, startup=False)
         return True
@@ -507,6 +514,9 @@ class Controller:
         refresh_at = endpoint.refresh_at or now
         message = (f"token valid until {status.timestamp(token.expires_at)}; "
                    f"next refresh at {status.timestamp(refresh_at)}")
+        hint = self.index.unwatched_hint(endpoint.namespace, endpoint.sources)
+        if hint:
+            message = f"{message}; {hint}"
         await self._publish(endpoint, ready=True, reason=reason, message=message, now=now, extra={
             "targets": written, "consecutiveFailures": 0, "nextRefreshTime": status.timestamp(refresh_at),
         })

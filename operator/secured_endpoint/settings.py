@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,51 @@ class OperatorSettings(BaseSettings):
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
 
     event_component: str = "secured-endpoint-operator"
+
+    source_label_selector: str = ""
+    """Watch only the Secrets and ConfigMaps carrying these labels (``key=value[,key=value]``), filtered by the
+    apiserver; empty watches them all. The token Secrets get the same labels, so they stay in sight."""
+
+    @field_validator("source_label_selector")
+    @classmethod
+    def _equality_selector(cls, value: str) -> str:
+        return ",".join(f"{key}={label}" for key, label in parse_label_selector(value).items())
+
+    @property
+    def source_labels(self) -> dict[str, str]:
+        """The labels of ``source_label_selector`` (empty: every Secret and ConfigMap is watched)."""
+        return parse_label_selector(self.source_label_selector)
+
+
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def parse_label_selector(text: str) -> dict[str, str]:
+    """``key=value[,key=value]`` (``==`` works too) as a dict; empty text gives an empty dict.
+
+    Only equality: the operator must be able to put the same labels on the token Secrets it writes, which a
+    set-based (``in``, ``notin``, ``!=``, ``!key``) requirement would not tell it.
+    """
+    labels: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, separator, value = item.partition("=")
+        value = value.removeprefix("=")  # key==value
+        key, value = key.strip(), value.strip()
+        if not separator or key.endswith("!") or not value:
+            raise ValueError(f"{item[:80]!r} is not key=value: only equality requirements are supported, since "
+                             "the token Secrets must carry the same labels (e.g. secured-endpoint.io/credentials=true)")
+        prefix, slash, name = key.rpartition("/")
+        if not _LABEL_NAME.fullmatch(name) or (slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))):
+            raise ValueError(f"{key[:80]!r} is not a valid label key")
+        if len(value) > 63 or not _LABEL_NAME.fullmatch(value):
+            raise ValueError(f"the value of {key!r} is not a valid label value")
+        if labels.get(key, value) != value:
+            raise ValueError(f"{key!r} is given twice with different values")
+        labels[key] = value
+    return labels
 
 
 def load_settings(environ: dict[str, str] | None = None) -> OperatorSettings:

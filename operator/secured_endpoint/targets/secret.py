@@ -21,14 +21,15 @@ KEYS = ("access_token", "token_type", "expires_at", "authorization", "credential
 
 
 class SecretTarget:
-    def __init__(self, client: kube.KubeClient) -> None:
+    def __init__(self, client: kube.KubeClient, *, labels: Mapping[str, str] | None = None) -> None:
         self._client = client
+        self.labels: Mapping[str, str] = dict(labels or {})  # operator-wide: SEP_SOURCE_LABEL_SELECTOR's
         self._owned_uids: dict[tuple[str, str], str] = {}  # (namespace, secret name) -> Secret uid
 
     async def write(self, owner: Owner, name: str, token: IssuedToken, *,
                     labels: Mapping[str, str], annotations: Mapping[str, str]) -> None:
         where = f"Secret/{name}"
-        body = _secret_body(owner, name, token, labels=labels, annotations=annotations)
+        body = _secret_body(owner, name, token, labels={**labels, **self.labels}, annotations=annotations)
         cache_key = (owner.namespace, name)
         try:
             known_uid = self._owned_uids.get(cache_key)

@@ -49,6 +49,9 @@ class TokenResponse:
     refresh_token: SecretStr | None
 
 
+# the IANA "OAuth Access Token Types" registry (and MAC from its draft): safe to name in a message
+_KNOWN_TOKEN_TYPES = frozenset({"n_a", "pop", "dpop", "mac"})
+
 def parse_token_response(status_code: int, content_type: str | None, body: bytes) -> TokenResponse:
     """Turn an HTTP answer of a token endpoint into a TokenResponse, or raise a TokenError subclass.
 
@@ -131,7 +134,10 @@ def _success(status_code: int, document: dict[str, Any]) -> TokenResponse:
     # RFC 6749 §5.1: token_type is case insensitive. Only Bearer (RFC 6750) can be used by a gateway as is:
     # a DPoP or MAC token needs a proof computed per request, which a token in a Secret cannot carry.
     if token_type.lower() != "bearer":
-        raise invalid(f"has token_type {token_type!r}; only Bearer tokens can be handed to gateways")
+        # named only when it is a registered type: a broken server may put anything here, even the token
+        known = token_type.lower() in _KNOWN_TOKEN_TYPES
+        shown = f"token_type {token_type!r}" if known else "an unsupported token_type"
+        raise invalid(f"has {shown}; only Bearer tokens can be handed to gateways")
     token_type = "Bearer"
 
     refresh_token = document.get("refresh_token")
