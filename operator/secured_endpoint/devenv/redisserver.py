@@ -29,6 +29,7 @@ Run ``python -m secured_endpoint.devenv.redisserver --help`` for a server on the
 
 from __future__ import annotations
 
+import abc
 import argparse
 import atexit
 import contextlib
@@ -158,7 +159,7 @@ def generate_certificates(directory: Path) -> None:
 # -- processes -------------------------------------------------------------------------------------------
 
 
-class _Process:
+class _Process(abc.ABC):
     """One redis-server process with a generated config in a private directory; ports survive restarts."""
 
     _kind = "redis-server"
@@ -169,19 +170,21 @@ class _Process:
         self._process: subprocess.Popen[bytes] | None = None
         self._atexit = False
 
-    # -- to fill in ----------------------------------------------------------------------------------------
+    # -- what each kind of process defines ---------------------------------------------------------------
 
+    @abc.abstractmethod
     def _config(self) -> str:
-        raise NotImplementedError
+        """The config file's text."""
 
     def _command(self, config: Path) -> list[str]:
         return [redis_server_binary(), str(config)]
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 - an optional hook: most kinds have nothing to prepare
         """First start: choose ports, write certificates."""
 
+    @abc.abstractmethod
     def _ready(self) -> bool:
-        raise NotImplementedError
+        """Whether the process answers yet."""
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
