@@ -324,8 +324,10 @@ class Controller:
                 return
             endpoint.failures += 1
             delay = schedule.backoff_delay(failures=endpoint.failures, permanent=False, rng=self.rng)
-            logger.error("Reconciling %s/%s failed (%s: %s); retrying in %.0f s.",
-                         *key, type(exc).__name__, exc, delay)
+            # the operator's own errors (KubeError, TargetError) say what failed without secrets; anything
+            # else is unexpected and its text may quote data, so only its type is logged
+            detail = str(exc) if isinstance(exc, kube.KubeError | TargetError) else type(exc).__name__
+            logger.error("Reconciling %s/%s failed (%s); retrying in %.0f s.", *key, detail, delay)
             self.scheduler.schedule(key, time.time() + delay, keep_earlier=True)
 
     async def reconcile(self, key: Key) -> None:
