@@ -321,7 +321,9 @@ def test_the_operators_environment_proxy_and_no_proxy(proxy_env_operator: Operat
     kube.create_endpoint(setup.namespace, "via-env", {"tokenUrl": by_name, "clientSecretRef": {"name": "oauth"},
                                                       "trustStore": trust})
     setup.endpoint("direct", tls_token_server, trustStore=trust)  # 127.0.0.1 is in NO_PROXY
-    kube.wait_ready(setup.namespace, "via-env")
+    # the first wait also covers this module's operator starting and discovering the brand-new namespace
+    # (it watches the glob 'p-*'), which on a loaded CI machine can take more than the usual 10 s
+    kube.wait_ready(setup.namespace, "via-env", timeout=40)
     kube.wait_ready(setup.namespace, "direct")
     assert env_proxy.connects == [f"localhost:{tls_token_server.port}"]
 
