@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
 from secured_endpoint import api
@@ -36,12 +35,9 @@ def main() -> int:
     controlplane.ensure_binaries()
     with controlplane.ControlPlane() as plane, TokenServer() as server, \
             tempfile.TemporaryDirectory() as workdir:
-        plane.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}")
+        plane.install_crds(ROOT / "crds")
         server.add_client("bench", "bench-secret")
-        configuration = k8s.Configuration()
-        k8s_config.load_kube_config(config_file=str(plane.kubeconfig_path), client_configuration=configuration)
-        api_client = k8s.ApiClient(configuration)
+        api_client = plane.api_client()
         core, custom = k8s.CoreV1Api(api_client), k8s.CustomObjectsApi(api_client)
         core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name="bench")))
         core.create_namespaced_secret("bench", k8s.V1Secret(

@@ -32,7 +32,6 @@ import httpx
 import redis
 import redis.asyncio
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 
 from secured_endpoint import api
 from secured_endpoint.devenv import controlplane
@@ -104,11 +103,8 @@ class Outcome:
 
 
 def _prepare_cluster(plane: controlplane.ControlPlane, server: TokenServer) -> None:
-    plane.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
-    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}")
-    configuration = k8s.Configuration()
-    k8s_config.load_kube_config(config_file=str(plane.kubeconfig_path), client_configuration=configuration)
-    api_client = k8s.ApiClient(configuration)
+    plane.install_crds(ROOT / "crds")
+    api_client = plane.api_client()
     core, custom = k8s.CoreV1Api(api_client), k8s.CustomObjectsApi(api_client)
     core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name="bench")))
     core.create_namespaced_secret("bench", k8s.V1Secret(

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 
 from secured_endpoint import api
 from secured_endpoint.devenv import controlplane
@@ -41,12 +40,8 @@ def main() -> int:
     with controlplane.ControlPlane() as plane, TokenServer() as server, tempfile.TemporaryDirectory() as workdir:
         server.add_client("scale", "scale-secret")
         server.lifetime_seconds = args.lifetime
-        plane.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}")
-        configuration = k8s.Configuration()
-        k8s_config.load_kube_config(config_file=str(plane.kubeconfig_path), client_configuration=configuration)
-        configuration.connection_pool_maxsize = 32
-        api_client = k8s.ApiClient(configuration)
+        plane.install_crds(ROOT / "crds")
+        api_client = plane.api_client(pool_size=32)
         core, custom = k8s.CoreV1Api(api_client), k8s.CustomObjectsApi(api_client)
         core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=NAMESPACE)))
         credentials = {"client_id": "scale", "client_secret": "scale-secret"}

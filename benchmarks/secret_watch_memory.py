@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 
 from secured_endpoint import api, kube
 from secured_endpoint.devenv import controlplane
@@ -263,11 +262,8 @@ def main() -> int:
     with controlplane.ControlPlane() as plane, TokenServer() as server, \
             tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        plane.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{api.PLURAL}.{api.GROUP}")
-        configuration = k8s.Configuration()
-        k8s_config.load_kube_config(config_file=str(plane.kubeconfig_path), client_configuration=configuration)
-        api_client = k8s.ApiClient(configuration)
+        plane.install_crds(ROOT / "crds")
+        api_client = plane.api_client()
         core, custom = k8s.CoreV1Api(api_client), k8s.CustomObjectsApi(api_client)
         created = False
 

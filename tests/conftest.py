@@ -29,7 +29,6 @@ import pytest
 import redis
 import yaml
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
 from secured_endpoint import api
@@ -132,18 +131,13 @@ class Kube:
 def control_plane() -> Iterator[controlplane.ControlPlane]:
     controlplane.ensure_binaries()
     with controlplane.ControlPlane() as plane:
-        plane.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                      f"crd/{api.PLURAL}.{api.GROUP}")
+        plane.install_crds(CRD_PATH.parent)
         yield plane
 
 
 @pytest.fixture(scope="session")
 def kube(control_plane: controlplane.ControlPlane) -> Kube:
-    configuration = k8s.Configuration()
-    k8s_config.load_kube_config(config_file=str(control_plane.kubeconfig_path),
-                                client_configuration=configuration)
-    api_client = k8s.ApiClient(configuration)
+    api_client = control_plane.api_client()
     return Kube(core=k8s.CoreV1Api(api_client), custom=k8s.CustomObjectsApi(api_client),
                 control_plane=control_plane)
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509 import load_pem_x509_certificate
 from kubernetes import client as k8s
 
+from secured_endpoint import api
 from secured_endpoint.devenv import controlplane
 from secured_endpoint.devenv.proxy import HttpProxy
 from secured_endpoint.devenv.tokenserver import CertificateAuthority, TokenServer, generate_ca
@@ -293,21 +294,33 @@ def env_proxy() -> Iterator[HttpProxy]:
         yield proxy
 
 
-@pytest.fixture(scope="module")
-def proxy_env_operator(control_plane: controlplane.ControlPlane, tmp_path_factory: pytest.TempPathFactory,
-                       operator_processes: list[OperatorProcess], env_proxy: HttpProxy) -> Iterator[OperatorProcess]:
-    """An operator for ``p-*`` namespaces whose environment names a proxy. NO_PROXY keeps 127.0.0.1 (the
-    API server, and token URLs written with that address) direct; ``localhost`` token URLs go through it."""
-    log_path = tmp_path_factory.mktemp("proxy-operator") / "operator.log"
-    yield from _operator(control_plane, log_path, operator_processes, scope=("--namespace", "p-*"), env={
-        "HTTPS_PROXY": env_proxy.url, "HTTP_PROXY": env_proxy.url, "NO_PROXY": "127.0.0.1",
-    })
-
-
 @pytest.fixture
 def proxy_setup(kube: Kube, secret_values: set[str]) -> Iterator[Setup]:
     for namespace in _namespace(kube, "p"):
         yield Setup(kube, namespace, secret_values)
+
+
+@pytest.fixture
+def proxy_env_operator(control_plane: controlplane.ControlPlane, tmp_path_factory: pytest.TempPathFactory,
+                       operator_processes: list[OperatorProcess], env_proxy: HttpProxy, kube: Kube,
+                       proxy_setup: Setup) -> Iterator[OperatorProcess]:
+    """An operator for this test's namespace, named exactly, whose environment names a proxy. NO_PROXY keeps
+    127.0.0.1 (the API server, and token URLs written with that address) direct; ``localhost`` token URLs
+    go through it. (Started per test: an operator watching a glob and started mid-suite once never delivered
+    the endpoints of a namespace it had just discovered.)"""
+    log_path = tmp_path_factory.mktemp("proxy-operator") / "operator.log"
+    running = _operator(control_plane, log_path, operator_processes,
+                        scope=("--namespace", proxy_setup.namespace), env={
+        "HTTPS_PROXY": env_proxy.url, "HTTP_PROXY": env_proxy.url, "NO_PROXY": "127.0.0.1",
+    })
+    yield next(running)
+    # delete the endpoints while this operator still runs, so it releases their finalizers
+    namespace = proxy_setup.namespace
+    for item in kube.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)["items"]:
+        kube.delete_endpoint(namespace, item["metadata"]["name"])
+    wait_for(lambda: not kube.custom.list_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.PLURAL)["items"], message="the endpoints to be released")
+    next(running, None)  # stops the operator
 
 
 def test_the_operators_environment_proxy_and_no_proxy(proxy_env_operator: OperatorProcess, kube: Kube,
@@ -321,9 +334,7 @@ def test_the_operators_environment_proxy_and_no_proxy(proxy_env_operator: Operat
     kube.create_endpoint(setup.namespace, "via-env", {"tokenUrl": by_name, "clientSecretRef": {"name": "oauth"},
                                                       "trustStore": trust})
     setup.endpoint("direct", tls_token_server, trustStore=trust)  # 127.0.0.1 is in NO_PROXY
-    # the first wait also covers this module's operator starting and discovering the brand-new namespace
-    # (it watches the glob 'p-*'), which on a loaded CI machine can take more than the usual 10 s
-    kube.wait_ready(setup.namespace, "via-env", timeout=40)
+    kube.wait_ready(setup.namespace, "via-env")
     kube.wait_ready(setup.namespace, "direct")
     assert env_proxy.connects == [f"localhost:{tls_token_server.port}"]
 

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.5.35"
@@ -587,6 +587,23 @@ class ControlPlane:
                 f"kubectl {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr.strip()}"
             )
         return proc
+
+    def install_crds(self, directory: Path, *, timeout: float = 60.0) -> None:
+        """``kubectl apply -k`` a folder of CRDs and wait until every CRD is Established."""
+        self.kubectl("apply", "--server-side", "-k", str(directory))
+        self.kubectl("wait", "--for=condition=Established", f"--timeout={timeout:.0f}s", "crd", "--all",
+                     timeout=timeout + 10)
+
+    def api_client(self, *, pool_size: int | None = None) -> Any:
+        """The official Python client's ApiClient for this control plane (tests, benchmarks)."""
+        from kubernetes import client, config  # only the development tools need the official client
+
+        configuration = client.Configuration()
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(self.kubeconfig_path), client_configuration=configuration)
+        if pool_size is not None:
+            configuration.connection_pool_maxsize = pool_size
+        return client.ApiClient(configuration)
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
         """GET an API path with the admin token; returns (status, body)."""

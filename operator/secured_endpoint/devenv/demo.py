@@ -69,9 +69,7 @@ def main(*, duration: float, token_lifetime: int) -> int:
             _say(f"control plane up at {plane.server} in {plane.startup_seconds:.1f} s; "
                  f"KUBECONFIG={plane.kubeconfig_path}")
             _say(f"redis-server on {redis_server.host}:{redis_server.port}")
-            plane.kubectl("apply", "--server-side", "-k", str(root / "crds"))
-            plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/securedendpoints.secured-endpoint.io")
+            plane.install_crds(root / "crds")
             log_path = Path(workdir) / "operator.log"
             processes.append(_start_operator(plane, log_path, redis_server.url()))
             _say(f"operator running (pid {processes[0].pid}); its log: {log_path}")

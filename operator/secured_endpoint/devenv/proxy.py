@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hmac
 import http.client
 import ipaddress
 import select
 import socket
-import socketserver
 import ssl
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
+
+from secured_endpoint.devenv.loopback import LoopbackHTTPServer
 
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
                          "trailer", "transfer-encoding", "upgrade", "proxy-authenticate"})
@@ -164,45 +164,10 @@ def _loopback(host: str) -> bool:
         return False
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
+class _Server(LoopbackHTTPServer):
     def __init__(self, address: tuple[str, int], app: HttpProxy, ssl_context: ssl.SSLContext | None) -> None:
         self.app = app
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-        if ssl_context is not None:  # the handshake happens in the handler thread
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # no FQDN lookup
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients and upstreams that hang up are expected; stay quiet."""
-
-    def close_all(self) -> None:
-        self.shutdown()
-        self.server_close()
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
+        super().__init__(address, _Handler, ssl_context)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -47,8 +46,6 @@ import ipaddress
 import json
 import secrets
 import signal
-import socket
-import socketserver
 import ssl
 import sys
 import tempfile
@@ -58,7 +55,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, Self, get_args
@@ -70,6 +67,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from secured_endpoint.devenv.loopback import LoopbackHTTPServer
 
 TOKEN_PATH = "/oauth2/token"
 AuthMethod = Literal["basic", "post", "client_secret_jwt", "private_key_jwt", "tls_client_auth"]
@@ -1043,52 +1042,11 @@ def _fault_reply(fault: Fault, knobs: Knobs, base_url: str, request_body: bytes)
 # -- HTTP plumbing ---------------------------------------------------------------------------------------
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True  # come_up() rebinds the same port right after go_down()
-    request_queue_size = 256  # the default backlog of 5 drops bursts of concurrent connects
-
+class _HTTPServer(LoopbackHTTPServer):
     def __init__(self, address: tuple[str, int], app: TokenServer,
                  ssl_context: ssl.SSLContext | None) -> None:
         self.app = app
-        self.closing = threading.Event()  # wakes delayed requests when the server goes down
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-        if ssl_context is not None:
-            # The handshake happens in the handler thread (see _Handler.setup), not in accept().
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
-                                                  do_handshake_on_connect=False)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, which can stall on hosts without DNS.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients that hang up or reject our certificate are expected here; stay quiet."""
-
-    def close_all(self) -> None:
-        """Stop accepting, then cut kept-alive connections, so "down" really means down."""
-        self.closing.set()
-        self.shutdown()
-        self.server_close()
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):  # already closed by the client
-                connection.shutdown(socket.SHUT_RDWR)
+        super().__init__(address, _Handler, ssl_context)
 
 
 class _Handler(BaseHTTPRequestHandler):
