@@ -61,7 +61,6 @@ class Endpoint:
     recorded: dict[str, Any]
     resource_version: str = ""
     token: IssuedToken | None = None
-    served_until: datetime | None = None  # expiry of the newest token a target holds (what gateways can use)
     refresh_token: SecretStr | None = None  # in memory only: after a restart the password grant is used
     failures: int = 0
     refresh_at: datetime | None = None  # when a new token is due (a failed fetch moves it to the retry)
@@ -85,6 +84,11 @@ class Endpoint:
 
     def recorded_time(self, name: str) -> datetime | None:
         return status.parse_timestamp(self.recorded.get(name))
+
+    @property
+    def served_until(self) -> datetime | None:
+        """Expiry of the newest token a target holds: the status records a token only once one does."""
+        return self.recorded_time("expiresAt")
 
     @property
     def recorded_secret_name(self) -> str | None:
@@ -159,7 +163,6 @@ class Controller:
                 spec=spec, spec_error=spec_error, refresh_request=None, deleting=False, finalizers=[],
                 recorded=recorded, failures=int(recorded.get("consecutiveFailures") or 0),
                 refresh_at=status.parse_timestamp(recorded.get("nextRefreshTime")),
-                served_until=status.parse_timestamp(recorded.get("expiresAt")),
             )
             self.endpoints[key] = endpoint
         endpoint.generation = meta.get("generation", 0)
@@ -460,7 +463,6 @@ class Controller:
             if token is not None and token.fingerprint == endpoint.recorded.get("tokenFingerprint") \
                     and token.valid_at(now):
                 endpoint.token = token
-                endpoint.served_until = token.expires_at
                 return token
         return None
 
@@ -498,7 +500,6 @@ class Controller:
                 logger.warning("Could not remove the old token Secret of %s/%s: %s",
                                endpoint.namespace, endpoint.name, exc)
         if written["secret"] or written["redis"]:
-            endpoint.served_until = token.expires_at
             endpoint.recorded.update({
                 "tokenType": token.token_type, "scope": token.scope, "expiresAt": token.expires_at_text,
                 "lastRefreshTime": status.timestamp(token.issued_at), "tokenFingerprint": token.fingerprint,
