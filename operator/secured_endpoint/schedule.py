@@ -199,6 +199,12 @@ class Backoff:
     base_seconds: float
     cap_seconds: float
 
+    def ceiling(self, failures: int) -> float:
+        """The longest delay after ``failures`` consecutive failures (1 = the first): doubling up to the cap."""
+        if failures < 1:
+            raise ValueError(f"failures counts from 1 (the first failure), got {failures}")
+        return min(self.cap_seconds, self.base_seconds * 2.0 ** min(failures - 1, _MAX_DOUBLINGS))
+
 
 # Transient errors (unreachable, timeout, 5xx, 429): retry quickly at first, then back off to 5 minutes.
 TRANSIENT_BACKOFF = Backoff(base_seconds=1.0, cap_seconds=300.0)
@@ -215,10 +221,30 @@ def backoff_ceiling(*, failures: int, permanent: bool) -> float:
 
     It doubles with every failure from the policy's base up to its cap and never decreases.
     """
-    if failures < 1:
-        raise ValueError(f"failures counts from 1 (the first failure), got {failures}")
-    policy = PERMANENT_BACKOFF if permanent else TRANSIENT_BACKOFF
-    return min(policy.cap_seconds, policy.base_seconds * 2.0 ** min(failures - 1, _MAX_DOUBLINGS))
+    return (PERMANENT_BACKOFF if permanent else TRANSIENT_BACKOFF).ceiling(failures)
+
+
+def jittered_backoff(policy: Backoff, *, failures: int, rng: random.Random) -> float:
+    """A delay in ``[ceiling / 2, ceiling]`` for ``policy`` after ``failures`` consecutive failures ("equal
+    jitter"; see :func:`backoff_delay`). The one backoff formula of the operator: token refreshes, Kubernetes API
+    retries, watch reconnects and Redis resubscribes all use it with their own :class:`Backoff`."""
+    ceiling = policy.ceiling(failures)
+    return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
+
+
+# A server's Retry-After is honoured up to this long; beyond it the header is more likely wrong than meant.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header in delta-seconds form (RFC 9110 §10.2.3), capped at
+    ``MAX_RETRY_AFTER_SECONDS``; None when absent or not delta-seconds (the HTTP-date form is rare and ignored)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    return min(float(text), MAX_RETRY_AFTER_SECONDS)
 
 
 def backoff_delay(*, failures: int, permanent: bool, rng: random.Random) -> float:
@@ -231,8 +257,7 @@ def backoff_delay(*, failures: int, permanent: bool, rng: random.Random) -> floa
     waits at least half the nominal delay (so ≥ 0.5 s for the first transient and ≥ 30 s for the first
     permanent failure).
     """
-    ceiling = backoff_ceiling(failures=failures, permanent=permanent)
-    return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
+    return jittered_backoff(PERMANENT_BACKOFF if permanent else TRANSIENT_BACKOFF, failures=failures, rng=rng)
 
 
 # How long before a still-valid token expires to make one last attempt, when backoff would overshoot it.

@@ -30,7 +30,7 @@ from urllib.parse import quote_plus
 import httpx
 from pydantic import SecretStr
 
-from secured_endpoint import __version__, api
+from secured_endpoint import __version__, api, schedule
 from secured_endpoint.tokens.errors import (
     InvalidCredentialsError,
     InvalidTokenResponseError,
@@ -264,7 +264,7 @@ class TokenClient:
         try:
             return parse_token_response(answer.status_code, answer.headers.get("content-type"), content)
         except TokenError as exc:
-            exc.retry_after_seconds = _retry_after(answer.headers.get("retry-after"))
+            exc.retry_after_seconds = schedule.parse_retry_after(answer.headers.get("retry-after"))
             raise
 
     @asynccontextmanager
@@ -386,14 +386,6 @@ async def _read_limited(answer: httpx.Response) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After in delta-seconds (RFC 9110 §10.2.3); the HTTP-date form is rare and ignored."""
-    seconds = (value or "").strip()
-    if not (seconds.isascii() and seconds.isdigit()):
-        return None
-    return float(seconds)
 
 
 def _has_userinfo(token_url: str) -> bool:
