@@ -1,6 +1,7 @@
 # The two commands of the README. Each sets up what it needs on a fresh machine:
-# a virtualenv with the project, redis-server (Debian), and kube-apiserver/kubectl/etcd built from
-# their Go modules (cached in ~/.cache/secured-endpoint-operator, reused afterwards).
+# a virtualenv with the three distributions (gateway/, the operator, devenv/), redis-server (Debian), and
+# kube-apiserver/kubectl/etcd built from their Go modules (cached in ~/.cache/secured-endpoint-operator,
+# reused afterwards).
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,16 +11,18 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint unit e2e setup control-plane services clean
 
 demo: setup control-plane
-	$(BIN)/secured-endpoint-operator demo
+	$(BIN)/sep-devenv demo
 
 test: setup control-plane lint
 	$(BIN)/pytest -p no:cacheprovider --durations=15 tests
 
 lint: setup
 	@echo "[test] ruff"
-	$(BIN)/ruff check operator tests examples
+	$(BIN)/ruff check operator gateway devenv tests examples benchmarks
 	@echo "[test] mypy (strict)"
 	$(BIN)/mypy
+	@echo "[test] import layers (import-linter)"
+	$(BIN)/lint-imports
 
 unit: setup
 	$(BIN)/pytest -p no:cacheprovider -m "not e2e" tests
@@ -29,11 +32,13 @@ e2e: setup control-plane
 
 setup: $(STAMP) services
 
-$(STAMP): pyproject.toml
-	@echo "[setup] virtualenv $(VENV) with the project and its dev tools"
+$(STAMP): pyproject.toml gateway/pyproject.toml devenv/pyproject.toml
+	@echo "[setup] virtualenv $(VENV) with the gateway library, the operator, the dev harness and dev tools"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ./gateway
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e ./devenv
 	@touch $(STAMP)
 
 services:
@@ -43,7 +48,7 @@ services:
 
 control-plane: $(STAMP)
 	@echo "[setup] kube-apiserver, kubectl, etcd (built from source on the first run, then cached)"
-	$(BIN)/secured-endpoint-operator build-control-plane
+	$(BIN)/sep-devenv build-control-plane
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -34,10 +34,10 @@ import redis.asyncio
 from kubernetes import client as k8s
 
 from secured_endpoint import api
-from secured_endpoint.devenv import controlplane
-from secured_endpoint.devenv.redisserver import RedisServer
-from secured_endpoint.devenv.tokenserver import TokenServer
-from secured_endpoint.gateway import RedisTokenSource, TokenAuth
+from secured_endpoint_devenv import controlplane
+from secured_endpoint_devenv.redisserver import RedisServer
+from secured_endpoint_devenv.tokenserver import TokenServer
+from secured_endpoint_gateway import RedisTokenSource, TokenAuth
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "bench"

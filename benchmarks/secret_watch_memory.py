@@ -47,8 +47,8 @@ from pathlib import Path
 from kubernetes import client as k8s
 
 from secured_endpoint import api, kube
-from secured_endpoint.devenv import controlplane
-from secured_endpoint.devenv.tokenserver import TokenServer
+from secured_endpoint_devenv import controlplane
+from secured_endpoint_devenv.tokenserver import TokenServer
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL_KEY, LABEL_VALUE = "secured-endpoint.io/credentials", "true"

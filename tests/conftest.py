@@ -32,9 +32,9 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from secured_endpoint import api
-from secured_endpoint.devenv import controlplane
-from secured_endpoint.devenv.redisserver import RedisServer
-from secured_endpoint.devenv.tokenserver import TokenServer
+from secured_endpoint_devenv import controlplane
+from secured_endpoint_devenv.redisserver import RedisServer
+from secured_endpoint_devenv.tokenserver import TokenServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_PATH = ROOT / "crds" / "secured-endpoint.io_securedendpoints.yaml"

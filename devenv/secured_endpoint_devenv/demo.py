@@ -1,4 +1,4 @@
-"""``secured-endpoint-operator demo``: the whole product on one machine, tokens flowing.
+"""``sep-devenv demo``: the whole product on one machine, tokens flowing.
 
 A local control plane (built from source on first use), the sample token server on
 127.0.0.1:18080 (the URL the examples name; it also serves a sample backend that accepts only valid
@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 
-from secured_endpoint.devenv import controlplane
-from secured_endpoint.devenv.redisserver import RedisServer
-from secured_endpoint.devenv.tokenserver import TokenServer
+from secured_endpoint_devenv import controlplane
+from secured_endpoint_devenv.redisserver import RedisServer
+from secured_endpoint_devenv.tokenserver import TokenServer
 
 TOKEN_SERVER_PORT = 18080  # the examples' tokenUrl
 EXAMPLES = ("01-client-credentials", "02-password-grant", "03-redis-target")

@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from secured_endpoint.devenv.loopback import LoopbackHTTPServer
+from secured_endpoint_devenv.loopback import LoopbackHTTPServer
 
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
                          "trailer", "transfer-encoding", "upgrade", "proxy-authenticate"})
@@ -48,7 +48,7 @@ class HttpProxy:
 
     def __init__(self, *, port: int = 0, credentials: tuple[str, str] | None = None,
                  connect_timeout: float = 5.0, tls: bool = False) -> None:
-        from secured_endpoint.devenv.tokenserver import _server_ssl_context, generate_ca
+        from secured_endpoint_devenv.tokenserver import _server_ssl_context, generate_ca
 
         self._ca = generate_ca("secured-endpoint devenv proxy CA") if tls else None
         self._ssl_context = (_server_ssl_context(*self._ca.issue_server_certificate(["127.0.0.1", "localhost"]))

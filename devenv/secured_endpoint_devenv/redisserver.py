@@ -24,7 +24,7 @@ when presented), ``"yes"`` (required) or ``"no"``.
 
 Readiness is a PING on the plain port that any answer satisfies (``-NOAUTH`` proves the server is serving as
 well as ``+PONG`` does), so no credentials are needed for it. Every process is cleaned up at interpreter exit.
-Run ``python -m secured_endpoint.devenv.redisserver --help`` for a server on the command line.
+Run ``python -m secured_endpoint_devenv.redisserver --help`` for a server on the command line.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ rotated — each use revokes the presented refresh token and returns a new one (
 Security BCP recommends). While ``issue_refresh_tokens`` is off, a refresh token already issued stays
 reusable and refresh answers carry none. Client credentials grants never get one (RFC 6749 §4.4.3).
 
-Run ``python -m secured_endpoint.devenv.tokenserver --help`` for the command line.
+Run ``python -m secured_endpoint_devenv.tokenserver --help`` for the command line.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from secured_endpoint.devenv.loopback import LoopbackHTTPServer
+from secured_endpoint_devenv.loopback import LoopbackHTTPServer
 
 TOKEN_PATH = "/oauth2/token"
 AuthMethod = Literal["basic", "post", "client_secret_jwt", "private_key_jwt", "tls_client_auth"]
@@ -1123,7 +1123,7 @@ def _pair(text: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m secured_endpoint.devenv.tokenserver",
+        prog="python -m secured_endpoint_devenv.tokenserver",
         description="An OAuth 2.0 token server for development and demos (never for production).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

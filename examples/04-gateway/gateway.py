@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A small API gateway: a reverse proxy that adds the operator's token to every upstream request.
 
-Built on ``secured_endpoint.gateway`` (aiohttp serves, ``httpx.AsyncClient`` + ``TokenAuth`` call the
+Built on ``secured_endpoint_gateway`` (aiohttp serves, ``httpx.AsyncClient`` + ``TokenAuth`` call the
 upstream)::
 
     python examples/04-gateway/gateway.py --listen 127.0.0.1:8081 \\
@@ -39,7 +39,7 @@ import httpx
 from aiohttp import web
 from multidict import CIMultiDict
 
-from secured_endpoint.gateway import (
+from secured_endpoint_gateway import (
     DEFAULT_PREFIX,
     RedisTokenSource,
     SecretDirTokenSource,

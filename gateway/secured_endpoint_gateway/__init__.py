@@ -13,7 +13,7 @@ retries once. Without a token it raises ``TokenUnavailable`` instead of sending 
 Asynchronous::
 
     import httpx
-    from secured_endpoint.gateway import RedisTokenSource, TokenAuth
+    from secured_endpoint_gateway import RedisTokenSource, TokenAuth
 
     async with RedisTokenSource.from_url("redis://redis:6379/0", "shop", "orders-backend") as source:
         async with httpx.AsyncClient(auth=TokenAuth(source), base_url="https://orders.internal") as client:
@@ -21,7 +21,7 @@ Asynchronous::
 
 Synchronous::
 
-    from secured_endpoint.gateway import SyncSecretDirTokenSource, TokenAuth
+    from secured_endpoint_gateway import SyncSecretDirTokenSource, TokenAuth
 
     source = SyncSecretDirTokenSource("/var/run/secrets/orders-token")
     with httpx.Client(auth=TokenAuth(source), base_url="https://orders.internal") as client:
@@ -30,11 +30,11 @@ Synchronous::
 ``examples/04-gateway/`` has a small reverse proxy built on this package.
 """
 
-from secured_endpoint.gateway._auth import TokenAuth
-from secured_endpoint.gateway._errors import TokenUnavailable
-from secured_endpoint.gateway._redis import DEFAULT_PREFIX, RedisTokenSource, SyncRedisTokenSource
-from secured_endpoint.gateway._secretdir import SecretDirTokenSource, SyncSecretDirTokenSource
-from secured_endpoint.gateway._token import AsyncTokenSource, GatewayToken, SyncTokenSource
+from secured_endpoint_gateway._auth import TokenAuth
+from secured_endpoint_gateway._errors import TokenUnavailable
+from secured_endpoint_gateway._redis import DEFAULT_PREFIX, RedisTokenSource, SyncRedisTokenSource
+from secured_endpoint_gateway._secretdir import SecretDirTokenSource, SyncSecretDirTokenSource
+from secured_endpoint_gateway._token import AsyncTokenSource, GatewayToken, SyncTokenSource
 
 __all__ = [
     "DEFAULT_PREFIX",

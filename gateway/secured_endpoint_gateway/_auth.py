@@ -30,10 +30,10 @@ from typing import cast
 import anyio.to_thread  # httpx's own dependency: worker threads under asyncio and trio alike
 import httpx
 
-from secured_endpoint.gateway._errors import TokenUnavailable
-from secured_endpoint.gateway._token import AsyncTokenSource, GatewayToken, SyncTokenSource
+from secured_endpoint_gateway._errors import TokenUnavailable
+from secured_endpoint_gateway._token import AsyncTokenSource, GatewayToken, SyncTokenSource
 
-logger = logging.getLogger("secured_endpoint.gateway")
+logger = logging.getLogger("secured_endpoint_gateway")
 
 
 class TokenAuth(httpx.Auth):

@@ -42,11 +42,11 @@ from typing import Any, Self
 import redis
 import redis.asyncio
 
-from secured_endpoint.gateway._errors import TokenUnavailable
-from secured_endpoint.gateway._token import GatewayToken, RefreshCooldown, parse_redis_hash
+from secured_endpoint_gateway._errors import TokenUnavailable
+from secured_endpoint_gateway._token import GatewayToken, RefreshCooldown, parse_redis_hash
 
 DEFAULT_PREFIX = "secured-endpoint"
-logger = logging.getLogger("secured_endpoint.gateway")
+logger = logging.getLogger("secured_endpoint_gateway")
 
 # How long the first get() waits for the listener's subscription before reading without a cache.
 _SUBSCRIBE_WAIT = 1.0

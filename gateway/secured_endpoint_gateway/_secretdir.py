@@ -28,8 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from secured_endpoint.gateway._errors import TokenUnavailable
-from secured_endpoint.gateway._token import GatewayToken, RefreshCooldown, parse_secret_files
+from secured_endpoint_gateway._errors import TokenUnavailable
+from secured_endpoint_gateway._token import GatewayToken, RefreshCooldown, parse_secret_files
 
 DATA_LINK = "..data"
 # The files this library reads; authorization/credential are derived from these and not needed.

@@ -1,9 +1,8 @@
-"""``secured-endpoint-operator run | demo | build-control-plane``."""
+"""``secured-endpoint-operator run`` (and ``--version``). The development harness has its own CLI, ``sep-devenv``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -29,30 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("-v", "--verbose", action="store_true", help="log more")
 
-    demo = commands.add_parser("demo", help="local control plane + token server + operator + examples")
-    demo.add_argument("--duration", type=float, default=60.0, help="seconds to show tokens flowing")
-    demo.add_argument("--token-lifetime", type=int, default=20, help="lifetime of demo tokens, seconds")
-
-    commands.add_parser("build-control-plane", help="build (or reuse) kube-apiserver, kubectl and etcd")
-
     args = parser.parse_args(argv)
-    if args.command == "run":
-        return _run(args)
-    if args.command == "demo":
-        from secured_endpoint.devenv import demo as demo_module
-
-        return demo_module.main(duration=args.duration, token_lifetime=args.token_lifetime)
-    from secured_endpoint.devenv import controlplane
-
-    controlplane.ensure_binaries()
-    return 0
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import kopf
-
-    from secured_endpoint import wiring
-
     try:
         settings = load_settings()
         redis_settings = load_redis_settings()
@@ -63,17 +43,11 @@ def _run(args: argparse.Namespace) -> int:
         print("secured-endpoint-operator: name namespaces with --namespace, or use --all-namespaces",
               file=sys.stderr)
         return 2
-    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
-    for chatty in ("httpx", "httpcore"):  # one line per request and per socket step: noise, not news
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    if not args.verbose:
-        # kopf says "Handler ... succeeded" for every event of every watched Secret and ConfigMap; the
-        # operator's own log says what happened to each endpoint
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=args.kubeconfig,
-                     clusterwide=args.all_namespaces, namespaces=tuple(args.namespace))
-    kopf.run(registry=wiring.registry, clusterwide=args.all_namespaces, namespaces=args.namespace,
-             standalone=True, liveness_endpoint=args.liveness, memo=memo)
+    # Imported only now: settings errors and --help stay fast and need no kopf.
+    from secured_endpoint import wiring
+
+    wiring.run(settings, redis_settings, all_namespaces=args.all_namespaces, namespaces=args.namespace,
+               kubeconfig=args.kubeconfig, liveness=args.liveness, verbose=args.verbose)
     return 0
 
 

@@ -251,3 +251,20 @@ def _fingerprint_of(body: kopf.Body) -> str:
         return base64.b64decode(encoded).decode()
     except ValueError:
         return ""
+
+
+def run(settings: OperatorSettings, redis_settings: RedisSettings, *, all_namespaces: bool,
+        namespaces: Iterable[str], kubeconfig: str | None, liveness: str | None, verbose: bool) -> None:
+    """Configure kopf's logging and run the operator with these handlers until it is stopped."""
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
+    for chatty in ("httpx", "httpcore"):  # one line per request and per socket step: noise, not news
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if not verbose:
+        # kopf says "Handler ... succeeded" for every event of every watched Secret and ConfigMap; the
+        # operator's own log says what happened to each endpoint
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    scope = list(namespaces)
+    memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=kubeconfig,
+                     clusterwide=all_namespaces, namespaces=tuple(scope))
+    kopf.run(registry=registry, clusterwide=all_namespaces, namespaces=scope, standalone=True,
+             liveness_endpoint=liveness, memo=memo)

@@ -54,7 +54,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from secured_endpoint import api, tokens
-from secured_endpoint.devenv.tokenserver import TokenServer, generate_ca
+from secured_endpoint_devenv.tokenserver import TokenServer, generate_ca
 from tests.conftest import Kube, OperatorProcess
 
 pytestmark = pytest.mark.e2e

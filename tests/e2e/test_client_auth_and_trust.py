@@ -34,9 +34,9 @@ from cryptography.x509 import load_pem_x509_certificate
 from kubernetes import client as k8s
 
 from secured_endpoint import api
-from secured_endpoint.devenv import controlplane
-from secured_endpoint.devenv.proxy import HttpProxy
-from secured_endpoint.devenv.tokenserver import CertificateAuthority, TokenServer, generate_ca
+from secured_endpoint_devenv import controlplane
+from secured_endpoint_devenv.proxy import HttpProxy
+from secured_endpoint_devenv.tokenserver import CertificateAuthority, TokenServer, generate_ca
 from tests.conftest import Kube, OperatorProcess, Setup, _namespace, _operator, wait_for
 
 pytestmark = pytest.mark.e2e

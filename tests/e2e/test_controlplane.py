@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from secured_endpoint.devenv.controlplane import (
+from secured_endpoint_devenv.controlplane import (
     KUBERNETES_VERSION,
     Binaries,
     ControlPlane,

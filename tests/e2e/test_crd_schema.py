@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from secured_endpoint import api
-from secured_endpoint.devenv.controlplane import ControlPlane
+from secured_endpoint_devenv.controlplane import ControlPlane
 from tests.conftest import Kube, _namespace
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from secured_endpoint.devenv.tokenserver import TokenServer
+from secured_endpoint_devenv.tokenserver import TokenServer
 from tests.conftest import Kube, OperatorProcess, Setup, wait_for
 
 pytestmark = pytest.mark.e2e

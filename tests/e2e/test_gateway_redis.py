@@ -46,16 +46,16 @@ import pytest
 import redis
 import redis.asyncio
 
-from secured_endpoint.devenv.redisserver import RedisServer
-from secured_endpoint.devenv.tokenserver import TokenServer
-from secured_endpoint.gateway import (
+from secured_endpoint_devenv.redisserver import RedisServer
+from secured_endpoint_devenv.tokenserver import TokenServer
+from secured_endpoint_gateway import (
     GatewayToken,
     RedisTokenSource,
     SyncRedisTokenSource,
     TokenAuth,
     TokenUnavailable,
 )
-from secured_endpoint.gateway._token import fingerprint
+from secured_endpoint_gateway._token import fingerprint
 
 pytestmark = pytest.mark.e2e
 

@@ -46,10 +46,10 @@ from pydantic import SecretStr
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from secured_endpoint.devenv.redisserver import RedisSentinel, RedisServer, generate_certificates
 from secured_endpoint.settings import RedisSettings, load_redis_settings
 from secured_endpoint.targets.base import IssuedToken, Owner, TargetError
 from secured_endpoint.targets.redis import RedisTarget
+from secured_endpoint_devenv.redisserver import RedisSentinel, RedisServer, generate_certificates
 
 pytestmark = pytest.mark.e2e
 

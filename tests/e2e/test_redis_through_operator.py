@@ -26,8 +26,8 @@ import pytest
 import redis.asyncio
 
 from secured_endpoint import tokens
-from secured_endpoint.devenv.tokenserver import TokenServer
-from secured_endpoint.gateway import RedisTokenSource, TokenAuth
+from secured_endpoint_devenv.tokenserver import TokenServer
+from secured_endpoint_gateway import RedisTokenSource, TokenAuth
 from tests.conftest import Kube, OperatorProcess, RedisAccess, Setup, wait_for
 
 pytestmark = pytest.mark.e2e

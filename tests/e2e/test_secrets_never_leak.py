@@ -13,7 +13,7 @@ import json
 import pytest
 
 from secured_endpoint import api
-from secured_endpoint.devenv.tokenserver import TokenServer
+from secured_endpoint_devenv.tokenserver import TokenServer
 from tests.conftest import Kube, OperatorProcess, Setup, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -40,8 +40,8 @@ from kubernetes import client as k8s
 from pydantic import BaseModel
 
 from secured_endpoint import api
-from secured_endpoint.devenv.controlplane import ControlPlane
-from secured_endpoint.devenv.tokenserver import TokenServer
+from secured_endpoint_devenv.controlplane import ControlPlane
+from secured_endpoint_devenv.tokenserver import TokenServer
 from tests.conftest import TEST_OPERATOR_ENV, Kube, OperatorProcess, Setup, load_yaml, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import pytest
 
 from secured_endpoint import api, tokens
-from secured_endpoint.devenv.tokenserver import TokenServer, generate_ca
+from secured_endpoint_devenv.tokenserver import TokenServer, generate_ca
 from tests.conftest import Kube, OperatorProcess, Setup, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pydantic import SecretStr
 
 from secured_endpoint import api
-from secured_endpoint.devenv.tokenserver import TokenServer, generate_ca
 from secured_endpoint.tokens import (
     CLIENT_ASSERTION_TYPE,
     ClientAssertion,
@@ -41,6 +40,7 @@ from secured_endpoint.tokens import (
     TokenRequest,
     TokenRequestFailedError,
 )
+from secured_endpoint_devenv.tokenserver import TokenServer, generate_ca
 
 CLIENT_ID = "orders-client"
 CLIENT_SECRET = "client-secret-for-hmac-0123456789abcdef-xyz"  # 43 bytes: enough for HS256

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from secured_endpoint import api, credentials
-from secured_endpoint.devenv.tokenserver import generate_ca
+from secured_endpoint_devenv.tokenserver import generate_ca
 
 PASSWORD = "store-pass-5e2a"
 

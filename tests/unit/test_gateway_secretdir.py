@@ -34,14 +34,14 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from secured_endpoint.gateway import (
+from secured_endpoint_gateway import (
     GatewayToken,
     SecretDirTokenSource,
     SyncSecretDirTokenSource,
     TokenAuth,
     TokenUnavailable,
 )
-from secured_endpoint.gateway._token import fingerprint
+from secured_endpoint_gateway._token import fingerprint
 
 
 def iso(moment: datetime) -> str:

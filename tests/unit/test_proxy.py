@@ -20,8 +20,6 @@ import pytest
 from pydantic import SecretStr
 
 from secured_endpoint import api
-from secured_endpoint.devenv.proxy import HttpProxy
-from secured_endpoint.devenv.tokenserver import TokenServer
 from secured_endpoint.tokens import (
     ClientCertificate,
     ProxyConfig,
@@ -31,6 +29,8 @@ from secured_endpoint.tokens import (
     TrustStoreInvalidError,
 )
 from secured_endpoint.tokens.proxy import environment_proxy, no_proxy_matches, parse_environment_proxy
+from secured_endpoint_devenv.proxy import HttpProxy
+from secured_endpoint_devenv.tokenserver import TokenServer
 
 CLIENT_ID = "orders"
 CLIENT_SECRET = "orders-secret-1b7c"

@@ -17,7 +17,6 @@ import pytest
 from pydantic import SecretStr
 
 from secured_endpoint import api
-from secured_endpoint.devenv.tokenserver import Knobs, TokenServer, generate_ca, main
 from secured_endpoint.tokens import (
     InvalidCredentialsError,
     InvalidTokenResponseError,
@@ -29,6 +28,7 @@ from secured_endpoint.tokens import (
     basic_authorization,
     jwt_expiry,
 )
+from secured_endpoint_devenv.tokenserver import Knobs, TokenServer, generate_ca, main
 
 CLIENT_ID = "orders-client"
 CLIENT_SECRET = "client-secret-3f9a7c1e"
@@ -676,7 +676,7 @@ def test_the_command_line_refuses_a_ca_file_without_tls() -> None:
 async def test_the_command_line_runs_a_tls_server(tmp_path: Path, client: TokenClient) -> None:
     ca_file = tmp_path / "ca.pem"
     process = subprocess.Popen(
-        [sys.executable, "-m", "secured_endpoint.devenv.tokenserver", "--tls", "--ca-out", str(ca_file),
+        [sys.executable, "-m", "secured_endpoint_devenv.tokenserver", "--tls", "--ca-out", str(ca_file),
          "--client", f"{CLIENT_ID}:{CLIENT_SECRET}", "--lifetime", "30"],
         stdout=subprocess.PIPE, text=True,
     )

@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from pydantic import SecretStr
 
 from secured_endpoint import api
-from secured_endpoint.devenv.tokenserver import CertificateAuthority, TokenServer, generate_ca
 from secured_endpoint.tokens import TokenClient, TokenRequest, TrustStoreInvalidError, to_pem_bundle
 from secured_endpoint.tokens.truststore import Format, detect_format
+from secured_endpoint_devenv.tokenserver import CertificateAuthority, TokenServer, generate_ca
 
 PASSWORD = "store-pass-7d1e"
 NOW = dt.datetime.now(dt.UTC)

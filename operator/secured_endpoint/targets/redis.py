@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
@@ -68,26 +67,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from secured_endpoint.settings import RedisSettings
 from secured_endpoint.targets.base import IssuedToken, Owner, TargetError
+from secured_endpoint_gateway import wire
+from secured_endpoint_gateway.wire import parse_refresh_request
 
 logger = logging.getLogger(__name__)
 
 TARGET = "Redis"
-FIELDS = ("access_token", "token_type", "expires_at", "scope", "fingerprint")
-PREVIOUS_SUFFIX = ":previous"
-ALIVE_SUFFIX = ":_alive"
-UPDATED_CHANNEL_SUFFIX = ":updated"
-REFRESH_CHANNEL_SUFFIX = ":refresh"
+FIELDS = wire.REDIS_FIELDS
 
 _RETRIES = 2  # quick retries inside one operation; longer outages are the caller's backoff
 _HEALTH_CHECK_INTERVAL = 30  # seconds a pooled connection may idle before it is PINGed prior to use
 _KEEPALIVE_MESSAGE = "secured-endpoint-keepalive"
-_MAX_REFRESH_MESSAGE = 512  # a namespace (63) + "/" + a name (253) + " " + a fingerprint fit easily
 _LOGGED_PREFIX = 40  # of a malformed refresh request, only this much is logged (at debug)
-
-# Kubernetes names: a namespace is a DNS label, a resource name a DNS subdomain.
-_NAMESPACE = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
-_FINGERPRINT = re.compile(r"[\x21-\x7e]{1,128}")  # printable, no spaces; SPEC: "sha256:<12 hex>"
 
 # KEYS[1] the token hash, KEYS[2] its ":previous" hash.
 # ARGV: access_token, token_type, expires_at (s), scope, fingerprint, expires_at (ms), channel, message.
@@ -125,23 +116,6 @@ return kept
 """
 
 OnRestored = Callable[[], Awaitable[None]]
-
-
-def parse_refresh_request(data: object) -> tuple[str, str, str] | None:
-    """``"<namespace>/<name> <fingerprint>"`` → ``(namespace, name, fingerprint)``; None if malformed."""
-    if isinstance(data, bytes):
-        data = data.decode("utf-8", errors="replace")
-    if not isinstance(data, str) or len(data) > _MAX_REFRESH_MESSAGE:
-        return None
-    parts = data.strip().split(" ")
-    if len(parts) != 2:
-        return None
-    target, fingerprint = parts
-    namespace, slash, name = target.partition("/")
-    if not slash or not _NAMESPACE.fullmatch(namespace) or not _NAME.fullmatch(name) \
-            or not _FINGERPRINT.fullmatch(fingerprint):
-        return None
-    return namespace, name, fingerprint
 
 
 class RedisTarget:
@@ -221,23 +195,23 @@ class RedisTarget:
     # -- names -------------------------------------------------------------------------------------------
 
     def key(self, namespace: str, name: str) -> str:
-        return f"{self.key_prefix}:{namespace}:{name}"
+        return wire.token_key(self.key_prefix, namespace, name)
 
     def previous_key(self, namespace: str, name: str) -> str:
-        return self.key(namespace, name) + PREVIOUS_SUFFIX
+        return wire.previous_key(self.key_prefix, namespace, name)
 
     @property
     def alive_key(self) -> str:
         """The marker whose disappearance tells that Redis lost its data (see :meth:`watch_availability`)."""
-        return self.key_prefix + ALIVE_SUFFIX
+        return wire.alive_key(self.key_prefix)
 
     @property
     def updated_channel(self) -> str:
-        return self.key_prefix + UPDATED_CHANNEL_SUFFIX
+        return wire.updated_channel(self.key_prefix)
 
     @property
     def refresh_channel(self) -> str:
-        return self.key_prefix + REFRESH_CHANNEL_SUFFIX
+        return wire.refresh_channel(self.key_prefix)
 
     @property
     def available(self) -> bool:
@@ -251,7 +225,7 @@ class RedisTarget:
         expires_ms = int(token.expires_at.timestamp() * 1000)
         arguments = [
             token.access_token.get_secret_value(), token.token_type, str(expires_ms // 1000), token.scope or "",
-            token.fingerprint, str(expires_ms), self.updated_channel, f"{owner.namespace}/{owner.name}",
+            token.fingerprint, str(expires_ms), self.updated_channel, wire.endpoint_id(owner.namespace, owner.name),
         ]
         keys = [self.key(owner.namespace, owner.name), self.previous_key(owner.namespace, owner.name)]
         await self._run("write", owner, self._write_script(keys=keys, args=arguments),
@@ -262,7 +236,7 @@ class RedisTarget:
         async def delete() -> None:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(self.key(owner.namespace, owner.name), self.previous_key(owner.namespace, owner.name))
-                pipe.publish(self.updated_channel, f"{owner.namespace}/{owner.name}")
+                pipe.publish(self.updated_channel, wire.endpoint_id(owner.namespace, owner.name))
                 await pipe.execute()
 
         await self._run("delete", owner, delete())

@@ -9,15 +9,16 @@ between is refused by the apiserver instead of overwritten.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import SecretStr
 
 from secured_endpoint import api, kube
 from secured_endpoint.targets.base import IssuedToken, Owner, TargetError
+from secured_endpoint_gateway import wire
 
-KEYS = ("access_token", "token_type", "expires_at", "authorization", "credential", "fingerprint")
+KEYS = wire.SECRET_KEYS
 
 
 class SecretTarget:
@@ -71,7 +72,7 @@ class SecretTarget:
         self._owned_uids[(owner.namespace, name)] = existing["metadata"]["uid"]
         try:
             data = {key: value.decode() for key, value in kube.decode_data(existing).items()}
-            expires_at = datetime.fromisoformat(data["expires_at"].replace("Z", "+00:00")).astimezone(UTC)
+            expires_at = wire.parse_expires_at(data["expires_at"])
             return IssuedToken(
                 access_token=SecretStr(data["access_token"]), token_type=data["token_type"], scope=None,
                 issued_at=datetime.fromisoformat(existing["metadata"]["creationTimestamp"].replace("Z", "+00:00")),
@@ -105,7 +106,7 @@ def _secret_body(owner: Owner, name: str, token: IssuedToken, *, labels: Mapping
     values = {
         "access_token": token.access_token.get_secret_value(),
         "token_type": token.token_type,
-        "expires_at": token.expires_at_text,
+        "expires_at": wire.format_expires_at(token.expires_at),
         "authorization": token.authorization,
         "credential": token.authorization,
         "fingerprint": token.fingerprint,

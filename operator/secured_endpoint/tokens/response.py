@@ -3,7 +3,6 @@ classified TokenError; plus the small token helpers the controller needs (JWT ex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -23,6 +22,7 @@ from secured_endpoint.tokens.errors import (
     redact_text,
     sanitize_excerpt,
 )
+from secured_endpoint_gateway.wire import fingerprint as fingerprint  # re-exported: the gateways' formula too
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is a few KiB; more is a misbehaving server
 
@@ -236,7 +236,3 @@ def jwt_expiry(token: str) -> datetime | None:
     except (OverflowError, OSError, ValueError):
         return None
 
-
-def fingerprint(token: str) -> str:
-    """Identifies a token without revealing it (SPEC §1 ``status.tokenFingerprint``)."""
-    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
