@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import sys
@@ -25,11 +24,10 @@ import time
 import httpx
 import redis.asyncio
 
+from secured_endpoint_gateway import wire
+from secured_endpoint_gateway.wire import fingerprint
+
 logger = logging.getLogger("stand-in-operator")
-
-
-def fingerprint(token: str) -> str:
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 class StandIn:
@@ -39,8 +37,8 @@ class StandIn:
         self.client_id, _, self.client_secret = args.client.partition(":")
         self.endpoint = args.endpoint
         namespace, name = args.endpoint.split("/", 1)
-        self.key = f"{args.prefix}:{namespace}:{name}"
-        self.updated, self.refresh = f"{args.prefix}:updated", f"{args.prefix}:refresh"
+        self.key = wire.token_key(args.prefix, namespace, name)
+        self.updated, self.refresh = wire.updated_channel(args.prefix), wire.refresh_channel(args.prefix)
         self.current: str | None = None
         self.refresh_at = 0.0
 
@@ -69,9 +67,10 @@ class StandIn:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None:
-                endpoint, _, stale = str(message["data"]).partition(" ")
-                if endpoint != self.endpoint:
+                request = wire.parse_refresh_request(message["data"])
+                if request is None or wire.endpoint_id(*request[:2]) != self.endpoint:
                     continue
+                stale = request[2]
                 if self.current is not None and stale == fingerprint(self.current):
                     await self.issue(f"refresh requested for {stale}")
                 else:
@@ -86,7 +85,7 @@ def main() -> int:
     parser.add_argument("--client", required=True, metavar="ID:SECRET")
     parser.add_argument("--redis-url", default=os.environ.get("SEP_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--endpoint", required=True, metavar="NAMESPACE/NAME")
-    parser.add_argument("--prefix", default="secured-endpoint")
+    parser.add_argument("--prefix", default=wire.DEFAULT_PREFIX)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it stops

@@ -27,6 +27,9 @@ Synchronous::
     with httpx.Client(auth=TokenAuth(source), base_url="https://orders.internal") as client:
         response = client.get("/api/orders")
 
+``secured_endpoint_gateway.wire`` is the wire format itself (key and channel names, fields, the refresh
+request, the fingerprint), shared with the operator, for gateways written against Redis directly.
+
 ``examples/04-gateway/`` has a small reverse proxy built on this package.
 """
 

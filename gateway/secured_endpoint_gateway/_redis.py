@@ -42,10 +42,11 @@ from typing import Any, Self
 import redis
 import redis.asyncio
 
+from secured_endpoint_gateway import wire
 from secured_endpoint_gateway._errors import TokenUnavailable
 from secured_endpoint_gateway._token import GatewayToken, RefreshCooldown, parse_redis_hash
 
-DEFAULT_PREFIX = "secured-endpoint"
+DEFAULT_PREFIX = wire.DEFAULT_PREFIX
 logger = logging.getLogger("secured_endpoint_gateway")
 
 # How long the first get() waits for the listener's subscription before reading without a cache.
@@ -69,10 +70,10 @@ class _RedisNames:
         self.namespace = namespace
         self.name = name
         self.prefix = prefix
-        self.key = f"{prefix}:{namespace}:{name}"
-        self.endpoint = f"{namespace}/{name}"
-        self.updated_channel = f"{prefix}:updated"
-        self.refresh_channel = f"{prefix}:refresh"
+        self.key = wire.token_key(prefix, namespace, name)
+        self.endpoint = wire.endpoint_id(namespace, name)
+        self.updated_channel = wire.updated_channel(prefix)
+        self.refresh_channel = wire.refresh_channel(prefix)
         self.refresh_wait = refresh_wait
         self.expiry_skew = expiry_skew
         self.poll_interval = poll_interval
@@ -82,7 +83,7 @@ class _RedisNames:
         return f"{type(self).__name__}(key={self.key!r})"
 
     def refresh_message(self, stale: GatewayToken) -> str:
-        return f"{self.endpoint} {stale.fingerprint}"
+        return wire.refresh_request(self.namespace, self.name, stale.fingerprint)
 
     def unavailable(self, reason: str) -> TokenUnavailable:
         return TokenUnavailable(self.key, reason, endpoint=self.endpoint)

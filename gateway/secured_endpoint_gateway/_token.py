@@ -8,7 +8,6 @@ traceback shows it; ``authorization`` is the only place the clear text is assemb
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from pydantic import SecretStr
+
+from secured_endpoint_gateway.wire import fingerprint, parse_expires_at
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,6 @@ class SyncTokenSource(Protocol):
     def request_refresh(self, stale: GatewayToken) -> GatewayToken: ...
 
 
-def fingerprint(access_token: str) -> str:
-    """The operator's fingerprint formula; used only when a stored token lacks the field."""
-    return "sha256:" + hashlib.sha256(access_token.encode("utf-8")).hexdigest()[:12]
-
-
 def _text(value: str | bytes | None) -> str | None:
     if value is None:
         return None
@@ -118,15 +114,13 @@ def parse_secret_files(files: Mapping[str, str]) -> GatewayToken:
     if not raw_expiry:
         raise ValueError("the file expires_at is missing or empty")
     try:
-        expires_at = datetime.fromisoformat(raw_expiry.replace("Z", "+00:00"))
+        expires_at = parse_expires_at(raw_expiry)
     except ValueError:
         raise ValueError("the file expires_at is not an RFC 3339 timestamp") from None
-    if expires_at.tzinfo is None:
-        expires_at = expires_at.replace(tzinfo=UTC)
     return GatewayToken(
         access_token=SecretStr(access_token),
         token_type=files.get("token_type", "").strip() or "Bearer",
-        expires_at=expires_at.astimezone(UTC),
+        expires_at=expires_at,
         fingerprint=files.get("fingerprint", "").strip() or fingerprint(access_token),
         scope=None,
     )

@@ -55,7 +55,7 @@ from secured_endpoint_gateway import (
     TokenAuth,
     TokenUnavailable,
 )
-from secured_endpoint_gateway._token import fingerprint
+from secured_endpoint_gateway.wire import fingerprint
 
 pytestmark = pytest.mark.e2e
 

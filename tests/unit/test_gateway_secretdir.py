@@ -41,7 +41,7 @@ from secured_endpoint_gateway import (
     TokenAuth,
     TokenUnavailable,
 )
-from secured_endpoint_gateway._token import fingerprint
+from secured_endpoint_gateway.wire import fingerprint
 
 
 def iso(moment: datetime) -> str:
