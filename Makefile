@@ -51,4 +51,4 @@ control-plane: $(STAMP)
 	$(BIN)/sep-devenv build-control-plane
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
