@@ -1,33 +1,58 @@
 """The one place that talks to the Kubernetes API (besides kopf's own watches).
 
 An async httpx client built from the same kubeconfig / in-cluster credentials kopf uses. Requests are
-bounded (``max_in_flight``), because neither kopf's nor the official client limits them, and a 429 or a
-5xx from the apiserver is retried honouring ``Retry-After``. Errors carry the apiserver's status message,
-which never contains Secret data.
+bounded (``max_in_flight``), because neither kopf's nor the official client limits them. Errors carry the
+apiserver's status message, which never contains Secret data.
+
+Retries (:func:`retryable`): a 429 is always retried, honouring ``Retry-After`` — the server did not act on
+the request. A 5xx or a broken connection is retried only for requests that are safe to repeat (GET, PUT,
+PATCH, DELETE); a POST is never sent twice once it may have reached the server (a second Event, a false 409 on
+a create), only when the connection could not even be opened.
+
+Metadata-only LIST and WATCH (:class:`MetadataWatch`): the apiserver sends ``PartialObjectMetadata``
+(name, namespace, labels, annotations, resourceVersion — never ``data``) when asked with the ``as=`` media
+type parameter, the way cert-manager caches the Secrets it does not own. The loop is an informer's: a paged
+LIST, then a WATCH from its resourceVersion with bookmarks, resumed from the last resourceVersion seen after a
+dropped connection, and a fresh LIST when the apiserver no longer has that version (``410 Gone``/``Expired``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import logging
 import random
 import ssl
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import AsyncGenerator, Generator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
-from secured_endpoint import api
+from secured_endpoint import api, schedule
 
 logger = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Repeating one of these has the same effect as sending it once (a merge patch sets the same fields again; a
+# second DELETE finds nothing, and a precondition keeps it to the object meant). POST creates.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"})
+# Raised before any byte of the request was sent: even a POST can be retried.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _MAX_ATTEMPTS = 5
+# The n-th retry waits up to 0.4 * 2^(n-1) s, at most 5 s: an apiserver hiccup is usually over by then.
+RETRY_BACKOFF = schedule.Backoff(base_seconds=0.4, cap_seconds=5.0)
+# A Retry-After is honoured up to this long: an operator stalled for an hour by one header helps no one.
+MAX_RETRY_AFTER_SECONDS = 30.0
+_rng = random.Random()  # noqa: S311 - jitter only
+
+METADATA_LIST_MEDIA_TYPE = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+METADATA_MEDIA_TYPE = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class KubeError(Exception):
@@ -127,10 +152,12 @@ class KubeClient:
     """Typed, bounded access to the few API calls the operator makes."""
 
     def __init__(self, credentials: Credentials, *, max_in_flight: int = 20, timeout: float = 30.0) -> None:
+        # The pool itself is unbounded: the semaphore bounds the requests, and each long-lived watch holds a
+        # connection of its own without taking a request's place (one per watched kind and namespace).
         self._client = httpx.AsyncClient(
             base_url=credentials.server, verify=credentials.tls, auth=_BearerAuth(credentials),
             timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_in_flight),
             headers={"User-Agent": "secured-endpoint-operator", "Accept": "application/json"},
         )
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -142,24 +169,32 @@ class KubeClient:
 
     async def request(self, method: str, path: str, *, json_body: Any = None,
                       content_type: str = "application/json",
-                      params: Mapping[str, str] | None = None) -> JSON:
-        headers = {"Content-Type": content_type} if json_body is not None else {}
+                      params: Mapping[str, str] | None = None,
+                      headers: Mapping[str, str] | None = None) -> JSON:
+        """One API call, at most ``max_in_flight`` at once, retried as :func:`retryable` allows."""
+        method = method.upper()
+        sent_headers = dict(headers or {})
+        if json_body is not None:
+            sent_headers["Content-Type"] = content_type
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             async with self._slots:
                 try:
-                    response = await self._client.request(method, path, json=json_body, headers=headers,
+                    response = await self._client.request(method, path, json=json_body, headers=sent_headers,
                                                           params=params)
                 except httpx.TransportError as exc:
-                    if attempt == _MAX_ATTEMPTS:
+                    if attempt == _MAX_ATTEMPTS or not retryable(method, transport_error=exc):
                         raise KubeError(0, "Unreachable",
                                         f"Kubernetes API unreachable: {type(exc).__name__}") from None
-                    await asyncio.sleep(min(0.2 * 2 ** attempt, 5) * random.uniform(0.5, 1.0))  # noqa: S311
-                    continue
+                    response = None
+            # the wait happens outside the slot: a request that is waiting is not in flight
+            if response is None:
+                await asyncio.sleep(schedule.jittered_backoff(RETRY_BACKOFF, failures=attempt, rng=_rng))
+                continue
             if response.status_code < 400:
                 body: JSON = response.json() if response.content else {}
                 return body
-            if response.status_code in _RETRY_STATUSES and attempt < _MAX_ATTEMPTS:
-                await asyncio.sleep(_retry_after(response, attempt))
+            if attempt < _MAX_ATTEMPTS and retryable(method, status=response.status_code):
+                await asyncio.sleep(retry_delay(response.headers.get("Retry-After"), attempt))
                 continue
             raise _error_of(response)
         raise AssertionError("unreachable")  # the loop always returns or raises
@@ -203,8 +238,59 @@ class KubeClient:
         return await self.request("PATCH", self.endpoint_path(namespace, name), json_body=patch,
                                   content_type="application/merge-patch+json")
 
+    async def patch_endpoint_finalizers(self, namespace: str, name: str, finalizers: list[str],
+                                        resource_version: str | None) -> JSON:
+        """Set the endpoint's whole finalizer list, only if it is still at ``resource_version`` (409 otherwise),
+        so a finalizer another controller adds at the same moment is not overwritten. An empty list removes the
+        field; ``resource_version`` None or empty patches without the precondition."""
+        return await self.patch_endpoint(namespace, name, {"metadata": {
+            "finalizers": list(finalizers) or None, "resourceVersion": resource_version or None}})
+
     async def get_endpoint(self, namespace: str, name: str) -> JSON | None:
         return await self._get_or_none(self.endpoint_path(namespace, name))
+
+    # -- metadata-only LIST and WATCH of core resources ----------------------------------------------
+
+    async def list_metadata(self, resource: str, *, namespace: str | None = None, label_selector: str = "",
+                            limit: int = 500, continue_token: str | None = None) -> JSON:
+        """One page of a ``PartialObjectMetadataList`` of a core ``resource`` ("secrets", "configmaps"),
+        cluster-wide or in ``namespace``. Without ``continue_token`` a consistent (quorum) read; a 410 means
+        the token expired and the list must start again."""
+        params = {"limit": str(limit)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if continue_token:
+            params["continue"] = continue_token
+        return await self.request("GET", collection_path(resource, namespace), params=params,
+                                  headers={"Accept": METADATA_LIST_MEDIA_TYPE})
+
+    async def watch_metadata(self, resource: str, *, namespace: str | None = None, label_selector: str = "",
+                             resource_version: str, timeout_seconds: int) -> AsyncGenerator[JSON, None]:
+        """The watch events (``{"type", "object"}``, objects as ``PartialObjectMetadata``) after
+        ``resource_version``, bookmarks included, until the apiserver ends the watch after
+        ``timeout_seconds``. Raises :class:`KubeError` for a refused watch, ``httpx.TransportError`` for a
+        broken connection (including no byte for longer than the watch should last) and ``ValueError`` for a
+        line that is not JSON. Iterate it inside ``contextlib.aclosing`` so that leaving early closes the
+        stream.
+
+        It uses the client's connection pool and credentials but none of the ``max_in_flight`` slots: a watch
+        waits for news for minutes and would otherwise starve the requests."""
+        params = {"watch": "true", "allowWatchBookmarks": "true", "resourceVersion": resource_version,
+                  "timeoutSeconds": str(timeout_seconds)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        timeout = httpx.Timeout(10.0, read=timeout_seconds + WATCH_READ_SLACK_SECONDS)
+        async with self._client.stream("GET", collection_path(resource, namespace), params=params,
+                                       headers={"Accept": METADATA_MEDIA_TYPE}, timeout=timeout) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise _error_of(response)
+            async for line in response.aiter_lines():
+                if line.strip():
+                    event = json.loads(line)
+                    if not isinstance(event, dict):
+                        raise ValueError("a watch event that is not a JSON object")
+                    yield event
 
     # -- Events -----------------------------------------------------------------------------------
 
@@ -231,12 +317,31 @@ class KubeClient:
             raise
 
 
-def _retry_after(response: httpx.Response, attempt: int) -> float:
-    header = response.headers.get("Retry-After", "")
-    if header.isdigit():
-        return min(float(header), 30.0)
-    backoff: float = min(0.2 * 2 ** attempt, 5.0) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter only
-    return backoff
+def retryable(method: str, *, status: int | None = None, transport_error: Exception | None = None) -> bool:
+    """Whether a request that got ``status`` (or failed with ``transport_error``) may be sent again.
+
+    429: always — the server refused before acting. 5xx or a connection lost mid-request: only an idempotent
+    method, since the server may have acted. A connection that could not be opened: always — nothing was sent.
+    """
+    if transport_error is not None:
+        return method.upper() in IDEMPOTENT_METHODS or isinstance(transport_error, _NOT_SENT)
+    if status == 429:
+        return True
+    return status in _RETRY_STATUSES and method.upper() in IDEMPOTENT_METHODS
+
+
+def retry_delay(retry_after: str | None, attempt: int, *, rng: random.Random = _rng) -> float:
+    """Seconds before retry ``attempt`` (1 = the first): the server's ``Retry-After`` up to
+    ``MAX_RETRY_AFTER_SECONDS``, else the jittered :data:`RETRY_BACKOFF`."""
+    seconds = schedule.parse_retry_after(retry_after)
+    if seconds is not None:
+        return min(seconds, MAX_RETRY_AFTER_SECONDS)
+    return schedule.jittered_backoff(RETRY_BACKOFF, failures=attempt, rng=rng)
+
+
+def collection_path(resource: str, namespace: str | None = None) -> str:
+    """The URL path of a core (``/api/v1``) collection, cluster-wide or in one namespace."""
+    return f"/api/v1/namespaces/{namespace}/{resource}" if namespace else f"/api/v1/{resource}"
 
 
 def _error_of(response: httpx.Response) -> KubeError:
@@ -260,3 +365,180 @@ def decode_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
 def encode_data(values: Mapping[str, str]) -> dict[str, str]:
     return {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metadata-only LIST + WATCH, the informer loop
+# ----------------------------------------------------------------------------------------------------
+
+# Reconnect after a failed LIST or WATCH: half a second at first, then doubling up to half a minute.
+WATCH_BACKOFF = schedule.Backoff(base_seconds=0.5, cap_seconds=30.0)
+# The apiserver ends a watch after timeoutSeconds; each watch asks for this long times a random factor in
+# [1, 1.5), so that many watches opened together do not all reconnect together.
+WATCH_TIMEOUT_SECONDS = 300.0
+# The read timeout of a watch is its timeoutSeconds plus this: silence longer than the server's own deadline
+# means a dead connection, not a quiet cluster (the apiserver sends a bookmark at least once a minute).
+WATCH_READ_SLACK_SECONDS = 30.0
+LIST_PAGE_SIZE = 500
+
+
+class MetadataSink(Protocol):
+    """What a :class:`MetadataWatch` reports to. Objects are ``PartialObjectMetadata`` dicts; the calls are
+    synchronous and must not block. A LIST is ``list_started``, ``list_page`` per page, then ``list_done``; a
+    LIST that fails midway (an expired continue token) is followed by a new ``list_started``."""
+
+    def list_started(self) -> None: ...
+
+    def list_page(self, items: list[JSON]) -> None: ...
+
+    def list_done(self, resource_version: str) -> None:
+        """The LIST is complete: what the pages held is the whole collection at ``resource_version``."""
+        ...
+
+    def watch_event(self, event_type: str, obj: JSON) -> None:
+        """``ADDED``, ``MODIFIED`` or ``DELETED`` after the last ``list_done`` (bookmarks are not reported)."""
+        ...
+
+    def failed(self, error: KubeError) -> None:
+        """A LIST or WATCH failed (status 0: unreachable or a broken stream); a retry follows after backoff."""
+        ...
+
+
+class _Relist(Exception):
+    """The apiserver no longer has the watch's resourceVersion: only a fresh LIST can go on."""
+
+
+class MetadataWatch:
+    """LIST + WATCH of one core resource's metadata, cluster-wide or in one namespace, forever.
+
+    - The LIST is paged (``page_size``) and consistent (no resourceVersion: a quorum read); a 410 on a continue
+      token (the apiserver compacted past the list's snapshot) starts the LIST again.
+    - The WATCH starts at the LIST's resourceVersion with ``allowWatchBookmarks``; every event and bookmark moves
+      :attr:`resource_version` on, and a dropped connection or an ended watch resumes from there.
+    - ``410 Gone``/``Expired`` from the watch (an HTTP status or an ``ERROR`` event), or "resourceVersion too
+      large" (etcd restored from a backup), leads to a fresh LIST; the sink tells what changed meanwhile.
+    - Every other failure (unreachable, 5xx, 403, a broken stream) is reported to the sink and retried after a
+      jittered backoff capped at ``backoff.cap_seconds``; it never ends the loop. :meth:`run` only ends by
+      cancellation, which closes the stream.
+    """
+
+    def __init__(self, client: KubeClient, resource: str, sink: MetadataSink, *, namespace: str | None = None,
+                 label_selector: str = "", page_size: int = LIST_PAGE_SIZE,
+                 timeout_seconds: float = WATCH_TIMEOUT_SECONDS, backoff: schedule.Backoff = WATCH_BACKOFF,
+                 rng: random.Random | None = None) -> None:
+        self.client = client
+        self.resource = resource
+        self.namespace = namespace
+        self.label_selector = label_selector
+        self.sink = sink
+        self.page_size = page_size
+        self.timeout_seconds = timeout_seconds
+        self.backoff = backoff
+        self._rng = rng or random.Random()  # noqa: S311 - jitter only
+        self.resource_version: str | None = None  # None: the next round starts with a LIST
+        self.lists = 0  # completed LISTs: the first, then one per relist
+        self.bookmarks = 0
+        self.failures = 0  # consecutive failed rounds (0 while healthy)
+
+    def __str__(self) -> str:
+        where = f"namespace {self.namespace}" if self.namespace else "all namespaces"
+        selected = f" labelled {self.label_selector}" if self.label_selector else ""
+        return f"{self.resource}{selected} in {where}"
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if self.resource_version is None:
+                    await self._list()
+                    self.failures = 0
+                if await self._watch():
+                    self.failures = 0
+                    continue
+                error = KubeError(0, "WatchEnded", "the watch ended at once without a single event")
+            except _Relist as relist:
+                logger.info("Listing %s again: %s", self, relist)
+                self.resource_version = None
+                continue
+            except KubeError as exc:
+                error = exc
+                if exc.status == 410:  # a continue token expired while paging: start the LIST over
+                    self.resource_version = None
+            except httpx.TransportError as exc:
+                error = KubeError(0, "Unreachable", f"watch connection lost: {type(exc).__name__}")
+            except ValueError:
+                error = KubeError(0, "BadResponse", "the apiserver sent a line that is not a JSON object")
+            self.failures += 1
+            self.sink.failed(error)
+            delay = schedule.jittered_backoff(self.backoff, failures=self.failures, rng=self._rng)
+            logger.warning("Watching %s failed (%s); retrying in %.1f s.", self, error, delay)
+            await asyncio.sleep(delay)
+
+    async def _list(self) -> None:
+        self.sink.list_started()
+        token: str | None = None
+        while True:
+            page = await self.client.list_metadata(self.resource, namespace=self.namespace,
+                                                   label_selector=self.label_selector, limit=self.page_size,
+                                                   continue_token=token)
+            if page.get("kind") != "PartialObjectMetadataList":
+                # never keep full objects: a proxy that dropped the media type parameters would send data
+                raise KubeError(0, "BadResponse", f"expected a PartialObjectMetadataList, got {page.get('kind')!r}")
+            self.sink.list_page(list(page.get("items") or ()))
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or None
+            if token is None:
+                resource_version = str(meta.get("resourceVersion") or "")
+                if not resource_version:
+                    raise KubeError(0, "BadResponse", "a LIST without a resourceVersion")
+                self.sink.list_done(resource_version)
+                self.resource_version = resource_version
+                self.lists += 1
+                return
+
+    async def _watch(self) -> bool:
+        """One watch request. True if it was healthy (it delivered something or lasted a good while)."""
+        assert self.resource_version is not None
+        timeout = int(self.timeout_seconds * self._rng.uniform(1.0, 1.5))
+        loop = asyncio.get_running_loop()
+        started, delivered = loop.time(), False
+        try:
+            stream = self.client.watch_metadata(self.resource, namespace=self.namespace,
+                                                label_selector=self.label_selector,
+                                                resource_version=self.resource_version, timeout_seconds=timeout)
+            async with contextlib.aclosing(stream) as events:
+                async for event in events:
+                    delivered = True
+                    self._handle(event)
+        except KubeError as exc:
+            if exc.status == 410:
+                raise _Relist(exc.message or "410 Gone") from None
+            raise
+        return delivered or loop.time() - started >= timeout / 2
+
+    def _handle(self, event: JSON) -> None:
+        event_type = event.get("type")
+        obj = event.get("object")
+        if not isinstance(obj, dict):
+            raise ValueError("a watch event without an object")
+        if event_type == "ERROR":
+            if needs_relist(obj):
+                raise _Relist(str(obj.get("message") or obj.get("reason") or "410 Gone"))
+            raise KubeError(int(obj.get("code") or 0), str(obj.get("reason") or "Error"),
+                            str(obj.get("message") or "an ERROR event"))
+        if event_type in ("ADDED", "MODIFIED", "DELETED"):
+            self.sink.watch_event(event_type, obj)
+        elif event_type == "BOOKMARK":
+            self.bookmarks += 1
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if version:
+            self.resource_version = str(version)
+
+
+def needs_relist(status: Mapping[str, Any]) -> bool:
+    """Whether a watch ``ERROR`` event's Status says the resourceVersion cannot be served any more: 410
+    Gone/Expired (compacted away, or older than the apiserver's watch cache after its restart), or too large
+    (the apiserver's storage was restored to an older state)."""
+    if status.get("code") == 410 or status.get("reason") in ("Gone", "Expired"):
+        return True
+    causes = (status.get("details") or {}).get("causes") or ()
+    return any(isinstance(cause, Mapping) and cause.get("reason") == "ResourceVersionTooLarge" for cause in causes)

@@ -1,0 +1,104 @@
+"""The Kubernetes client's pure decisions: which failures are retried, how long to wait, when to relist.
+
+- ``retryable``: a 429 is retried for every method (the server did not act); a 5xx or a connection lost
+  mid-request only for idempotent methods — never a POST, which may have been applied; a connection that
+  could not be opened is retried even for a POST (nothing was sent); 4xx other than 429 never.
+- ``retry_delay``: ``Retry-After`` in seconds is honoured up to 30 s; without it (or in the HTTP-date form)
+  the jittered backoff doubles from 0.4 s up to 5 s, never below half its ceiling.
+- ``needs_relist``: a watch ERROR event saying 410 Gone/Expired or "resourceVersion too large" means a
+  fresh LIST; any other Status (500, 403, 429) means a retry of the same watch.
+- ``collection_path``: cluster-wide and namespaced core collections.
+"""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+
+from secured_endpoint import kube
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "POST", "get", "post"])
+def test_429_is_retried_for_every_method(method: str) -> None:
+    assert kube.retryable(method, status=429)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE"])
+def test_5xx_is_retried_for_idempotent_methods(method: str, status: int) -> None:
+    assert kube.retryable(method, status=status)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_post_is_never_repeated_after_a_5xx(status: int) -> None:
+    assert not kube.retryable("POST", status=status)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 410, 422, 501])
+@pytest.mark.parametrize("method", ["GET", "PATCH", "POST"])
+def test_other_errors_are_not_retried(method: str, status: int) -> None:
+    assert not kube.retryable(method, status=status)
+
+
+def _request() -> httpx.Request:
+    return httpx.Request("POST", "https://127.0.0.1/api/v1/namespaces/a/events")
+
+
+@pytest.mark.parametrize("error", [httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
+                                   httpx.ReadTimeout, httpx.WriteTimeout])
+def test_a_post_is_not_repeated_once_it_may_have_reached_the_server(error: type[httpx.TransportError]) -> None:
+    exc = error("lost", request=_request())
+    assert not kube.retryable("POST", transport_error=exc)
+    assert kube.retryable("GET", transport_error=exc)
+    assert kube.retryable("PATCH", transport_error=exc)
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout])
+def test_a_post_is_retried_when_nothing_was_sent(error: type[httpx.TransportError]) -> None:
+    assert kube.retryable("POST", transport_error=error("no connection", request=_request()))
+
+
+def test_retry_after_seconds_are_honoured_up_to_a_cap() -> None:
+    assert kube.retry_delay("7", 1) == 7.0
+    assert kube.retry_delay(" 0 ", 3) == 0.0
+    assert kube.retry_delay("3600", 1) == kube.MAX_RETRY_AFTER_SECONDS == 30.0
+
+
+@pytest.mark.parametrize("header", [None, "", "soon", "-1", "1.5", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_without_usable_retry_after_the_backoff_doubles_to_its_cap(header: str | None) -> None:
+    rng = random.Random(7)
+    for attempt, ceiling in [(1, 0.4), (2, 0.8), (3, 1.6), (4, 3.2), (5, 5.0), (9, 5.0)]:
+        delays = [kube.retry_delay(header, attempt, rng=rng) for _ in range(200)]
+        assert min(delays) >= ceiling / 2, (attempt, min(delays))
+        assert max(delays) <= ceiling, (attempt, max(delays))
+        assert max(delays) - min(delays) > ceiling / 4  # jittered, not a fixed delay
+
+
+@pytest.mark.parametrize("status", [
+    {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version: 202 (214)"},
+    {"kind": "Status", "code": 410, "reason": "Gone",
+     "message": "The resourceVersion for the provided watch is too old."},
+    {"kind": "Status", "reason": "Expired"},
+    {"kind": "Status", "code": 504, "reason": "Timeout", "message": "Too large resource version",
+     "details": {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]}},
+])
+def test_watch_errors_that_need_a_fresh_list(status: dict[str, object]) -> None:
+    assert kube.needs_relist(status)
+
+
+@pytest.mark.parametrize("status", [
+    {"kind": "Status", "code": 500, "reason": "InternalError", "message": "etcdserver: leader changed"},
+    {"kind": "Status", "code": 403, "reason": "Forbidden"},
+    {"kind": "Status", "code": 429, "reason": "TooManyRequests"},
+    {"kind": "Status", "code": 504, "reason": "Timeout", "details": {"causes": [{"reason": "Other"}]}},
+    {},
+])
+def test_watch_errors_that_only_need_a_retry(status: dict[str, object]) -> None:
+    assert not kube.needs_relist(status)
+
+
+def test_collection_paths() -> None:
+    assert kube.collection_path("secrets") == "/api/v1/secrets"
+    assert kube.collection_path("configmaps", "team-a") == "/api/v1/namespaces/team-a/configmaps"
