@@ -1,9 +1,18 @@
-"""Operator-wide settings: environment variables with the ``SEP_`` prefix, or an optional settings file.
+"""Operator-wide settings: ``SEP_*`` environment variables over an optional settings file, over defaults.
 
-The same names work as lower-case keys in a YAML/JSON file named by ``SEP_SETTINGS_FILE``; the
-environment wins over the file. A bad value fails at start-up with the setting's name, not a traceback.
-Redis (``SEP_REDIS_*``, SPEC §3) has its own model and loader, :class:`RedisSettings` and
-:func:`load_redis_settings`: it is optional and holds credentials.
+One loader, :func:`load`, reads both models through pydantic-settings' own sources, in this order:
+
+1. the environment: ``SEP_`` + the field name for :class:`OperatorSettings`, ``SEP_REDIS_`` + the field name
+   for :class:`RedisSettings`;
+2. the file named by ``SEP_SETTINGS_FILE`` (YAML for ``.yaml``/``.yml``, else JSON): a mapping whose keys are
+   the variables' names without ``SEP_``, in lower case (``refresh_concurrency``, ``redis_host``);
+3. the defaults.
+
+An empty value — ``SEP_REDIS_HOST=""`` from a Deployment template, or a key without a value in the file —
+means unset. A bad value fails at start-up with one line naming the variable (:class:`SettingsError`), never
+with a traceback and never echoing a password. Redis has its own model because it is optional and holds
+credentials. :func:`load_settings` and :func:`load_redis_settings` are the two entry points; both take an
+``environ`` mapping instead of the process's environment (tests).
 """
 
 from __future__ import annotations
@@ -11,24 +20,186 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import pydantic
+import yaml
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+SETTINGS_FILE_VARIABLE = "SEP_SETTINGS_FILE"
+SERVICE_ACCOUNT_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+"""Where a Pod finds its own namespace (the kubelet mounts it with the service-account token)."""
 
 
 class SettingsError(ValueError):
-    """A setting is wrong; the message names it (and never echoes a password)."""
+    """A setting is wrong; the one-line message names it (``SEP_X: …``) and never echoes a password."""
 
 
-class OperatorSettings(BaseSettings):
-    """Tunables of one operator replica. Defaults suit a cluster of up to ~10,000 endpoints."""
+# -- the loader ----------------------------------------------------------------------------------------------
 
-    model_config = SettingsConfigDict(env_prefix="SEP_", extra="ignore", frozen=True)
+# The environment the sources read during one load(): a test's mapping, or None for the process's. A context
+# variable rather than an argument because pydantic-settings builds the sources inside the model's __init__.
+_environ: ContextVar[Mapping[str, str] | None] = ContextVar("secured_endpoint_settings_environ", default=None)
+
+
+class _Settings(BaseSettings):
+    """What both models share: frozen, unknown names ignored, empty means unset, and where the values come from."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
+
+    settings_title: ClassVar[str]
+    """How an error message introduces this model (``invalid <title>: …``)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments (tests), then the environment, then the settings file; no .env file and no secrets
+        # directory. Both environment and file are taken from the mapping load() was given.
+        environ = _environ.get()
+        if environ is None:
+            environ = os.environ
+        return init_settings, _EnvironSource(settings_cls, environ), _SettingsFileSource(settings_cls, environ)
+
+
+_S = TypeVar("_S", bound=_Settings)
+
+
+def load(model: type[_S], environ: Mapping[str, str] | None = None) -> _S:
+    """Read ``model`` from ``environ`` (default: the process's environment) and the settings file it names.
+
+    Raises :class:`SettingsError` with every problem on one line, each naming its variable.
+    """
+    token = _environ.set(os.environ if environ is None else environ)
+    try:
+        return model()
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(_problems(model, exc))
+        raise SettingsError(_one_line(f"invalid {model.settings_title}: {problems}")) from None
+    finally:
+        _environ.reset(token)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+    """The operator's settings (``SEP_*``); see :func:`load`."""
+    return load(OperatorSettings, environ)
+
+
+def load_redis_settings(environ: Mapping[str, str] | None = None) -> RedisSettings:
+    """The Redis settings (``SEP_REDIS_*``, ``redis_*`` keys in the settings file); see :func:`load`."""
+    return load(RedisSettings, environ)
+
+
+def _problems(model: type[_Settings], exc: pydantic.ValidationError) -> Iterator[str]:
+    # include_input=False: the value given may be a password. A field's error gets its variable's name; a
+    # cross-field error (no location) already names the variables it is about.
+    prefix = model.model_config.get("env_prefix", "")
+    for err in exc.errors(include_input=False, include_url=False, include_context=False):
+        message = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:
+            variable = prefix + "_".join(str(part) for part in err["loc"]).upper()
+            message = f"{variable}: {message}"
+        yield message
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.splitlines())
+
+
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (the process's environment or a test's)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # before super().__init__(), which loads the variables
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # env_ignore_empty drops ""; a template's "  " is just as unset
+        return {
+            name if self.case_sensitive else name.lower(): value
+            for name, value in self._environ.items()
+            if not (self.env_ignore_empty and not value.strip())
+        }
+
+
+class _SettingsFileSource(InitSettingsSource):
+    """The mapping in ``SEP_SETTINGS_FILE``, restricted to the model's own keys.
+
+    A key is its variable's name without ``SEP_`` in lower case, so the Redis model (``SEP_REDIS_``) takes the
+    ``redis_*`` keys without ``redis_``, and the operator's model (``SEP_``) the keys that name its fields.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        prefix = settings_cls.model_config.get("env_prefix", "").lower().removeprefix("sep_")
+        values: dict[str, Any] = {}
+        path = environ.get(SETTINGS_FILE_VARIABLE, "").strip()
+        if path:
+            for key, value in read_settings_file(Path(path)).items():
+                name = key.removeprefix(prefix)
+                if key.startswith(prefix) and name in settings_cls.model_fields and not _blank(value):
+                    values[name] = value
+        super().__init__(settings_cls, init_kwargs=values)
+
+
+def _blank(value: Any) -> bool:
+    """An empty string, only spaces, or no value at all (``key:`` in YAML): unset, like an empty variable."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The settings file as a mapping with lower-case keys; SettingsError naming ``SEP_SETTINGS_FILE`` if bad."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"{SETTINGS_FILE_VARIABLE}: cannot read {path}: {exc.strerror or type(exc).__name__}"
+                            ) from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{SETTINGS_FILE_VARIABLE}: {path} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        # only the error's type: the parser's message quotes the file, which may hold a password
+        raise SettingsError(f"{SETTINGS_FILE_VARIABLE}: {path} is not valid {path.suffix or 'JSON'}: "
+                            f"{type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{SETTINGS_FILE_VARIABLE}: {path} must hold a mapping of setting names to values")
+    return {str(key).lower(): value for key, value in data.items()}
+
+
+# -- the operator ----------------------------------------------------------------------------------------------
+
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LEADER_ELECTION_JITTER = 1.2  # client-go's JitterFactor: a retry waits up to 1.2 retry periods
+
+
+class OperatorSettings(_Settings):
+    """The operator's own settings (``SEP_*``): the tunables of one operator replica.
+
+    Not to be confused with ``kopf.OperatorSettings``, kopf's settings object, which the kopf wiring fills in
+    at start-up. Defaults suit a cluster of up to ~10,000 endpoints.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SEP_")
+    settings_title: ClassVar[str] = "operator settings"
 
     refresh_concurrency: int = Field(default=32, ge=1, le=1024)
     """Token refreshes in flight at once (each is a token request plus target writes)."""
@@ -37,7 +208,10 @@ class OperatorSettings(BaseSettings):
     """Kubernetes API requests in flight at once; the apiserver allows 200 mutating ones in total."""
 
     token_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    """The whole token request, from connecting to the last byte of the answer."""
+
     token_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    """Connecting to the token endpoint (or its proxy), TLS handshake included."""
 
     reactive_floor_seconds: float = Field(default=5.0, ge=0, le=3600)
     """Least time between two forced refreshes of one endpoint (annotation or gateway request)."""
@@ -52,24 +226,88 @@ class OperatorSettings(BaseSettings):
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
 
     event_component: str = "secured-endpoint-operator"
+    """The ``source.component`` of the Events the operator posts."""
 
     source_label_selector: str = ""
     """Watch only the Secrets and ConfigMaps carrying these labels (``key=value[,key=value]``), filtered by the
     apiserver; empty watches them all. The token Secrets get the same labels, so they stay in sight."""
+
+    log_format: Literal["text", "json"] = "text"
+    """``text``: one plain line per record; ``json``: one JSON object per record (for log collectors)."""
+
+    # Leader election, with client-go's defaults and rules (k8s.io/client-go/tools/leaderelection): replicas
+    # compete for one coordination.k8s.io Lease, and only its holder refreshes tokens.
+
+    leader_election: bool = True
+    """Elect one active replica through a Lease; false: this replica acts alone (run exactly one)."""
+
+    lease_name: str = "secured-endpoint-operator"
+    """Name of the Lease the replicas compete for."""
+
+    lease_namespace: str = ""
+    """Namespace of the Lease; empty: the operator's own (see :meth:`lease_namespace_or_own`)."""
+
+    lease_duration_seconds: float = Field(default=15.0, gt=0, le=3600)
+    """How long a Lease not renewed stays held: the longest a stand-by replica waits for a leader that died."""
+
+    renew_deadline_seconds: float = Field(default=10.0, gt=0, le=3600)
+    """How long the leader keeps failing to renew before it stops acting as the leader."""
+
+    retry_period_seconds: float = Field(default=2.0, gt=0, le=3600)
+    """Time between two attempts to acquire or renew the Lease (client-go adds up to 20 % jitter)."""
 
     @field_validator("source_label_selector")
     @classmethod
     def _equality_selector(cls, value: str) -> str:
         return ",".join(f"{key}={label}" for key, label in parse_label_selector(value).items())
 
+    @field_validator("lease_name")
+    @classmethod
+    def _lease_name(cls, value: str) -> str:
+        if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+            raise ValueError("must be a Kubernetes object name: lower-case letters, digits, '-' and '.', starting "
+                             "and ending with a letter or digit, at most 253 characters")
+        return value
+
+    @field_validator("lease_namespace")
+    @classmethod
+    def _lease_namespace(cls, value: str) -> str:
+        if value and not _DNS_LABEL.fullmatch(value):
+            raise ValueError("must be a namespace name: lower-case letters, digits and '-', starting and ending "
+                             "with a letter or digit, at most 63 characters (or empty for the operator's own)")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> OperatorSettings:
+        # client-go refuses these too: a leader must notice it cannot renew before its Lease runs out, and must
+        # have time for more than one (jittered) retry before it gives up
+        problems = []
+        lease, renew, retry = self.lease_duration_seconds, self.renew_deadline_seconds, self.retry_period_seconds
+        if lease <= renew:
+            problems.append(f"SEP_LEASE_DURATION_SECONDS ({lease:g}) must be greater than "
+                            f"SEP_RENEW_DEADLINE_SECONDS ({renew:g})")
+        if renew <= _LEADER_ELECTION_JITTER * retry:
+            problems.append(f"SEP_RENEW_DEADLINE_SECONDS ({renew:g}) must be greater than "
+                            f"{_LEADER_ELECTION_JITTER:g} times SEP_RETRY_PERIOD_SECONDS ({retry:g})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def source_labels(self) -> dict[str, str]:
         """The labels of ``source_label_selector`` (empty: every Secret and ConfigMap is watched)."""
         return parse_label_selector(self.source_label_selector)
 
-
-_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+    def lease_namespace_or_own(self, namespace_file: Path = SERVICE_ACCOUNT_NAMESPACE_FILE) -> str:
+        """``lease_namespace``, or if empty the operator's own namespace (from its service account), else
+        ``default`` (outside a Pod, e.g. run from a laptop)."""
+        if self.lease_namespace:
+            return self.lease_namespace
+        try:
+            own = namespace_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            own = ""
+        return own if _DNS_LABEL.fullmatch(own) else "default"
 
 
 def parse_label_selector(text: str) -> dict[str, str]:
@@ -99,58 +337,12 @@ def parse_label_selector(text: str) -> dict[str, str]:
     return labels
 
 
-def load_settings(environ: dict[str, str] | None = None) -> OperatorSettings:
-    """Read the settings file (if any) under the environment; raise SettingsError naming a bad one."""
-    env = dict(os.environ if environ is None else environ)
-    file_values: dict[str, Any] = {}
-    path = env.get("SEP_SETTINGS_FILE")
-    if path:
-        file_values = _read_settings_file(Path(path))
-    env_values = {
-        key.removeprefix("SEP_").lower(): value
-        for key, value in env.items()
-        if key.startswith("SEP_") and key != "SEP_SETTINGS_FILE"
-    }
-    merged = {**file_values, **env_values}
-    try:
-        return OperatorSettings.model_validate({k: v for k, v in merged.items()
-                                                if k in OperatorSettings.model_fields})
-    except pydantic.ValidationError as exc:
-        problems = [
-            f"SEP_{'_'.join(str(part) for part in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors(include_input=False, include_url=False)
-        ]
-        raise SettingsError("invalid operator settings: " + "; ".join(problems)) from None
-
-
-def _read_settings_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SettingsError(f"SEP_SETTINGS_FILE: cannot read {path}: {exc.strerror}") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml  # only needed for YAML files
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:
-        raise SettingsError(f"SEP_SETTINGS_FILE: {path} is not valid {path.suffix or 'JSON'}: "
-                            f"{type(exc).__name__}") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"SEP_SETTINGS_FILE: {path} must hold a mapping of setting names to values")
-    return {str(key).lower(): value for key, value in data.items()}
-
-
-# -- Redis (SPEC §3) -------------------------------------------------------------------------------------
+# -- Redis ---------------------------------------------------------------------------------------------------
 #
-# A separate model and loader: Redis is optional, its settings are only looked at when one of URL, HOST or
-# SENTINELS is given, and they carry credentials that must never end up in an error message or a repr (the
-# password and the URL are SecretStr; messages name variables, never values that may hold a secret).
+# A separate model: Redis is optional, its settings are only looked at when one of URL, HOST or SENTINELS is
+# given, and they carry credentials that must never end up in an error message or a repr (the passwords and
+# the URL are SecretStr; messages name variables, never values that may hold a secret).
 
-_REDIS_ENV_PREFIX = "SEP_REDIS_"
-_REDIS_FILE_PREFIX = "redis_"
 _URL_SCHEMES = ("redis", "rediss")
 
 
@@ -169,53 +361,96 @@ class RedisConnection:
     tls: bool
 
 
-class RedisSettings(BaseSettings):
-    """Operator-wide Redis connection settings (``SEP_REDIS_*``; see SPEC §3).
+@dataclass(frozen=True)
+class SentinelCredentials:
+    """How to authenticate to the sentinels themselves (not to the Redis server they name); None: no AUTH."""
 
-    Use :func:`load_redis_settings` to read them: it applies the settings file, reads
-    ``SEP_REDIS_PASSWORD_FILE`` and turns every problem into a :class:`SettingsError` naming the variable.
+    username: str | None
+    password: SecretStr | None = field(repr=False)
+
+
+class RedisSettings(_Settings):
+    """Operator-wide Redis connection settings (``SEP_REDIS_*``, or ``redis_*`` keys in the settings file).
+
+    Read them with :func:`load_redis_settings`, which turns every problem into a :class:`SettingsError` naming
+    the variable. Validation reads the password files, and merges the URL with the discrete settings into
+    :attr:`connection`.
     """
 
-    model_config = SettingsConfigDict(env_prefix=_REDIS_ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="SEP_REDIS_")
+    settings_title: ClassVar[str] = "Redis settings"
 
     url: SecretStr | None = None
     """``redis://[user:pass@]host[:port][/db]`` or ``rediss://…``; a SecretStr since it may hold the password."""
 
     host: str | None = None
+    """The Redis server's host name or address (instead of a URL); Redis is off without URL, host or sentinels."""
+
     port: int = Field(default=6379, ge=1, le=65535)
+    """The server's port; a URL's own port wins (and must agree if both are given)."""
+
     username: str | None = None
+    """The ACL user (Redis 6+); none: the default user."""
+
     password: SecretStr | None = None
+    """The server's password (AUTH); or in the URL, or in :attr:`password_file`."""
+
     password_file: Path | None = None
     """A file holding the password (a mounted Secret), read once at load; one trailing newline is dropped."""
 
     db: int = Field(default=0, ge=0, le=2**31 - 1)
+    """The database index."""
+
     connect_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    """Opening a connection to Redis or a sentinel, TLS handshake included."""
+
     socket_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    """Waiting for one answer on an open connection."""
+
     tls: bool = False
+    """TLS to Redis (and to the sentinels), verifying the server's certificate and host name."""
+
     ca_file: Path | None = None
+    """PEM CA bundle to verify the server with (TLS only); none: the system's CAs."""
+
     cert_file: Path | None = None
+    """PEM client certificate (TLS only), with :attr:`key_file`."""
+
     key_file: Path | None = None
+    """PEM key of :attr:`cert_file`."""
+
     sentinels: str | None = None
     """``host:port,host:port`` (``[v6addr]:port`` for IPv6); Sentinel mode when given."""
 
     sentinel_master: str | None = None
+    """The name the sentinels know the master by (Sentinel mode)."""
+
+    sentinel_username: str | None = None
+    """The ACL user for the sentinels themselves (Sentinel mode); the Redis server's is :attr:`username`."""
+
+    sentinel_password: SecretStr | None = None
+    """The sentinels' own password (their ``requirepass``), if they require one (Sentinel mode)."""
+
+    sentinel_password_file: Path | None = None
+    """A file holding the sentinels' password, read like :attr:`password_file`."""
+
     key_prefix: str = Field(default="secured-endpoint", min_length=1, max_length=200, pattern=r"^\S+$")
+    """The first part of every key and channel name (``<prefix>:<namespace>:<name>``)."""
 
     _connection: RedisConnection | None = PrivateAttr(default=None)
     _sentinel_addresses: tuple[tuple[str, int], ...] = PrivateAttr(default=())
+    _sentinel_credentials: SentinelCredentials = PrivateAttr(default=SentinelCredentials(None, None))
 
     @model_validator(mode="before")
     @classmethod
-    def _blank_means_unset(cls, data: Any) -> Any:
-        # Deployment templates often render an unused variable as "" (SEP_REDIS_HOST=""): that means "not set",
-        # not "a host named ''".
+    def _rediss_means_tls(cls, data: Any) -> Any:
+        # so that `tls` always tells whether TLS is on
         if not isinstance(data, dict):
             return data
-        data = {key: value for key, value in data.items() if not (isinstance(value, str) and not value.strip())}
         url = data.get("url")
         url_text = url.get_secret_value() if isinstance(url, SecretStr) else url
         if isinstance(url_text, str) and url_text.strip().lower().startswith("rediss://"):
-            data["tls"] = True  # rediss:// implies TLS, so `tls` always tells whether TLS is on
+            data = {**data, "tls": True}
         return data
 
     @field_validator("port", mode="before")
@@ -253,12 +488,27 @@ class RedisSettings(BaseSettings):
             raise ValueError("SEP_REDIS_SENTINEL_MASTER must not contain whitespace")
         if self.password is not None and self.password_file is not None:
             raise ValueError("SEP_REDIS_PASSWORD and SEP_REDIS_PASSWORD_FILE are both set: give one of them")
+        if self.sentinel_password is not None and self.sentinel_password_file is not None:
+            raise ValueError("SEP_REDIS_SENTINEL_PASSWORD and SEP_REDIS_SENTINEL_PASSWORD_FILE are both set: give "
+                             "one of them")
+        sentinel_auth = {"SEP_REDIS_SENTINEL_USERNAME": self.sentinel_username,
+                         "SEP_REDIS_SENTINEL_PASSWORD": self.sentinel_password,
+                         "SEP_REDIS_SENTINEL_PASSWORD_FILE": self.sentinel_password_file}
+        given = [variable for variable, value in sentinel_auth.items() if value is not None]
+        if given and self.sentinels is None:
+            raise ValueError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but "
+                             "SEP_REDIS_SENTINELS is not: credentials for the sentinels apply only in Sentinel mode")
         if self.sentinels is not None:
             self._sentinel_addresses = _parse_sentinels(self.sentinels)
 
         password = self.password
         if self.password_file is not None:
-            password = SecretStr(_read_password_file(self.password_file))
+            password = SecretStr(_read_password_file(self.password_file, "SEP_REDIS_PASSWORD_FILE"))
+        sentinel_password = self.sentinel_password
+        if self.sentinel_password_file is not None:
+            sentinel_password = SecretStr(_read_password_file(self.sentinel_password_file,
+                                                               "SEP_REDIS_SENTINEL_PASSWORD_FILE"))
+        self._sentinel_credentials = SentinelCredentials(username=self.sentinel_username, password=sentinel_password)
         connection = RedisConnection(host=self.host, port=self.port, username=self.username, password=password,
                                      db=self.db, tls=self.tls)
         if self.url is not None:
@@ -342,6 +592,11 @@ class RedisSettings(BaseSettings):
         """The parsed ``SEP_REDIS_SENTINELS``; empty unless in Sentinel mode."""
         return self._sentinel_addresses
 
+    @property
+    def sentinel_credentials(self) -> SentinelCredentials:
+        """What to authenticate to the sentinels with (password file already read); both None: no AUTH."""
+        return self._sentinel_credentials
+
     def describe(self) -> str:
         """Where Redis is, for logs and messages: never a password, never the URL as given."""
         connection = self.connection
@@ -376,47 +631,15 @@ def _parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(addresses)
 
 
-def _read_password_file(path: Path) -> str:
+def _read_password_file(path: Path, variable: str) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"SEP_REDIS_PASSWORD_FILE: cannot read {path}: {exc.strerror or type(exc).__name__}"
-                         ) from None
+        raise ValueError(f"{variable}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"SEP_REDIS_PASSWORD_FILE: {path} is not UTF-8 text") from None
+        raise ValueError(f"{variable}: {path} is not UTF-8 text") from None
     # a mounted Secret written with `echo` ends in a newline that is not part of the password
     password = text.removesuffix("\n").removesuffix("\r")
     if not password:
-        raise ValueError(f"SEP_REDIS_PASSWORD_FILE: {path} is empty")
+        raise ValueError(f"{variable}: {path} is empty")
     return password
-
-
-def load_redis_settings(environ: dict[str, str] | None = None) -> RedisSettings:
-    """Read the Redis settings like :func:`load_settings`: ``SEP_REDIS_*`` variables over ``redis_*`` keys of
-    the ``SEP_SETTINGS_FILE``. Raise SettingsError naming a bad one; the message never holds a password."""
-    env = dict(os.environ if environ is None else environ)
-    file_values: dict[str, Any] = {}
-    path = env.get("SEP_SETTINGS_FILE")
-    if path:
-        file_values = {
-            key.removeprefix(_REDIS_FILE_PREFIX): value
-            for key, value in _read_settings_file(Path(path)).items()
-            if key.startswith(_REDIS_FILE_PREFIX)
-        }
-    env_values = {
-        key.removeprefix(_REDIS_ENV_PREFIX).lower(): value
-        for key, value in env.items()
-        if key.startswith(_REDIS_ENV_PREFIX)
-    }
-    merged = {**file_values, **env_values}
-    try:
-        return RedisSettings.model_validate({k: v for k, v in merged.items() if k in RedisSettings.model_fields})
-    except pydantic.ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_input=False, include_url=False, include_context=False):
-            message = err["msg"].removeprefix("Value error, ")
-            if err["loc"]:
-                variable = _REDIS_ENV_PREFIX + "_".join(str(part) for part in err["loc"]).upper()
-                message = f"{variable}: {message}"
-            problems.append(message)
-        raise SettingsError("invalid Redis settings: " + "; ".join(problems)) from None

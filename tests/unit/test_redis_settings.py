@@ -1,9 +1,11 @@
 """Redis settings (``secured_endpoint.settings.load_redis_settings``, SPEC §3).
 
 Cases:
-- nothing set → not configured, SPEC defaults (port 6379, db 0, timeouts 5/5, no TLS, prefix secured-endpoint);
-  blank values ("" from a template) count as unset; the operator's own settings ignore SEP_REDIS_*.
-- discrete variables parsed (host, port, username, password as SecretStr, db, timeouts, TLS + files, prefix);
+- nothing set → not configured, the defaults (port 6379, db 0, timeouts 5/5, no TLS, prefix secured-endpoint,
+  no sentinel credentials); blank values ("" or spaces from a template, empty or null in the file) count as
+  unset; the operator's own settings ignore SEP_REDIS_*.
+- every variable through the environment and through the settings file (a table covering every field);
+  discrete variables parsed (host, port, username, password as SecretStr, db, timeouts, TLS + files, prefix);
   repr and describe() never show the password.
 - URL: parts merged (user, percent-encoded password, port, db); rediss:// turns TLS on; a password may come from
   SEP_REDIS_PASSWORD(_FILE) when the URL has none; a repeated value that agrees is fine.
@@ -11,9 +13,12 @@ Cases:
   a directory or empty → SettingsError naming SEP_REDIS_PASSWORD_FILE.
 - settings file: redis_* keys (JSON and YAML), the environment wins, sentinels as a YAML list.
 - Sentinel: "host:port,host:port" (IPv6 in brackets, spaces tolerated) parsed; describe() names master and
-  sentinels.
+  sentinels. Credentials for the sentinels themselves (username, password or password file, from the
+  environment or the file) are exposed apart from the server's; both password sources, or any of them
+  outside Sentinel mode, refused naming the variables; an unreadable sentinel password file named.
 - every cross-field and value error names its variable (table), and with a password set — discretely, in the
-  URL or in a file — no message ever contains it; several problems are reported together.
+  URL, in a file, or as the sentinels' password — no message ever contains it; several problems are reported
+  together.
 - SEP_REDIS_PORT=tcp://… (a Kubernetes service link) gets a hint.
 """
 
@@ -22,10 +27,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from pydantic import SecretStr
 
-from secured_endpoint.settings import RedisSettings, SettingsError, load_redis_settings, load_settings
+from secured_endpoint.settings import (
+    RedisSettings,
+    SentinelCredentials,
+    SettingsError,
+    load_redis_settings,
+    load_settings,
+)
 
 PASSWORD = "Pa55-w0rd:with@odd/chars%"
 PASSWORD_IN_URL = "Pa55-w0rd%3Awith%40odd%2Fchars%25"  # PASSWORD, percent-encoded
@@ -51,18 +65,91 @@ def pem(tmp_path: Path) -> Path:
 # -- defaults and discrete variables ---------------------------------------------------------------------
 
 
-def test_nothing_set_means_redis_off_with_spec_defaults() -> None:
+def test_nothing_set_means_redis_off_with_the_defaults() -> None:
     settings = load_redis_settings({})
     assert not settings.configured
     assert (settings.port, settings.db, settings.tls, settings.key_prefix) == (6379, 0, False, "secured-endpoint")
     assert (settings.connect_timeout_seconds, settings.socket_timeout_seconds) == (5.0, 5.0)
     assert settings.sentinel_addresses == ()
+    assert settings.sentinel_credentials == SentinelCredentials(username=None, password=None)
+    assert settings.model_fields_set == set()
 
 
 def test_blank_values_count_as_unset() -> None:
-    settings = load(host="", url="  ", password="", sentinels="", sentinel_master="", ca_file="", db="")
+    settings = load(host="", url="  ", password="", sentinels="", sentinel_master="", ca_file="", db="",
+                    port=" ", tls="", sentinel_password="", sentinel_username=" ", sentinel_password_file="")
     assert not settings.configured
     assert settings.connection.password is None
+    assert settings.model_fields_set == set()
+
+
+def test_blank_file_values_count_as_unset(tmp_path: Path) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text("redis_host: ''\nredis_url:\nredis_port: '  '\nredis_password: null\n")
+    settings = load_redis_settings({"SEP_SETTINGS_FILE": str(path)})
+    assert not settings.configured
+    assert settings.model_fields_set == set()
+
+
+# -- every variable, through the environment and through the file --------------------------------------------
+
+
+def _every_variable(tmp_path: Path, pem: Path) -> list[tuple[str, str, Any, dict[str, str]]]:
+    """Field, the value given, the value expected (secrets unwrapped), other settings it needs."""
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_text("cert")
+    key.write_text("key")
+    host = {"host": "redis"}
+    sentinel = {"sentinels": "s1:26379", "sentinel_master": "mymaster"}
+    return [
+        ("url", "redis://redis:6380/1", "redis://redis:6380/1", {}),
+        ("host", "redis.cache.svc", "redis.cache.svc", {}),
+        ("port", "6380", 6380, host),
+        ("username", "operator", "operator", host),
+        ("password", PASSWORD, PASSWORD, host),
+        ("password_file", str(password_file), password_file, host),
+        ("db", "7", 7, host),
+        ("connect_timeout_seconds", "1.5", 1.5, host),
+        ("socket_timeout_seconds", "2", 2.0, host),
+        ("tls", "true", True, host),
+        ("ca_file", str(pem), pem, {**host, "tls": "true"}),
+        ("cert_file", str(cert), cert, {**host, "tls": "true", "key_file": str(key)}),
+        ("key_file", str(key), key, {**host, "tls": "true", "cert_file": str(cert)}),
+        ("sentinels", "s1:26379,s2:26380", "s1:26379,s2:26380", {"sentinel_master": "mymaster"}),
+        ("sentinel_master", "mymaster", "mymaster", {"sentinels": "s1:26379"}),
+        ("sentinel_username", "sentinel-user", "sentinel-user", sentinel),
+        ("sentinel_password", PASSWORD, PASSWORD, sentinel),
+        ("sentinel_password_file", str(password_file), password_file, sentinel),
+        ("key_prefix", "gw", "gw", host),
+    ]
+
+
+def _plain(value: Any) -> Any:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def test_the_table_covers_every_field(tmp_path: Path, pem: Path) -> None:
+    assert {name for name, *_ in _every_variable(tmp_path, pem)} == set(RedisSettings.model_fields)
+
+
+def test_every_variable_through_the_environment(tmp_path: Path, pem: Path) -> None:
+    for name, given, expected, needs in _every_variable(tmp_path, pem):
+        settings = load(**{**needs, name: given})
+        assert _plain(getattr(settings, name)) == expected, name
+        assert settings.model_fields_set == {name, *needs}
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_every_variable_through_the_file(tmp_path: Path, pem: Path, suffix: str) -> None:
+    path = tmp_path / f"settings{suffix}"
+    for name, given, expected, needs in _every_variable(tmp_path, pem):
+        values = {f"redis_{key}": value for key, value in {**needs, name: given}.items()}
+        path.write_text(json.dumps(values) if suffix == ".json" else yaml.safe_dump(values))
+        settings = load_redis_settings({"SEP_SETTINGS_FILE": str(path)})
+        assert _plain(getattr(settings, name)) == expected, name
+        assert settings.model_fields_set == {name, *needs}
 
 
 def test_operator_settings_ignore_redis_variables() -> None:
@@ -200,6 +287,97 @@ def test_sentinels_parsed() -> None:
     assert settings.connection.db == 2
     assert settings.describe() == ("Redis master 'mymaster' via sentinels s1:26379,[fd00::1]:26380,10.0.0.3:26381 "
                                    "db 2")
+    assert settings.sentinel_credentials == SentinelCredentials(username=None, password=None)
+
+
+SENTINEL_PASSWORD = "S3ntinel-only:pass@word"
+SENTINEL = {"SEP_REDIS_SENTINELS": "s1:26379", "SEP_REDIS_SENTINEL_MASTER": "mymaster"}
+
+
+def test_sentinel_credentials_apart_from_the_servers(tmp_path: Path) -> None:
+    settings = load_redis_settings({**SENTINEL, "SEP_REDIS_USERNAME": "operator", "SEP_REDIS_PASSWORD": PASSWORD,
+                                    "SEP_REDIS_SENTINEL_USERNAME": "sentinel-user",
+                                    "SEP_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD})
+    credentials = settings.sentinel_credentials
+    assert credentials.username == "sentinel-user"
+    assert credentials.password is not None
+    assert credentials.password.get_secret_value() == SENTINEL_PASSWORD
+    connection = settings.connection
+    assert connection.username == "operator"
+    assert connection.password is not None
+    assert connection.password.get_secret_value() == PASSWORD
+    for text in (repr(settings), str(settings), repr(credentials), settings.describe()):
+        assert SENTINEL_PASSWORD not in text
+        assert PASSWORD not in text
+
+
+def test_sentinel_password_alone_leaves_the_server_without_one() -> None:
+    settings = load_redis_settings({**SENTINEL, "SEP_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD})
+    assert settings.connection.password is None
+    assert settings.sentinel_credentials.username is None
+    assert settings.sentinel_credentials.password is not None
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (SENTINEL_PASSWORD + "\n", SENTINEL_PASSWORD),
+    (SENTINEL_PASSWORD + "\r\n", SENTINEL_PASSWORD),
+    (SENTINEL_PASSWORD + "\n\n", SENTINEL_PASSWORD + "\n"),
+])
+def test_sentinel_password_file(tmp_path: Path, content: str, expected: str) -> None:
+    path = tmp_path / "sentinel-password"
+    path.write_text(content, newline="")
+    password = load_redis_settings({**SENTINEL, "SEP_REDIS_SENTINEL_PASSWORD_FILE": str(path)}
+                                   ).sentinel_credentials.password
+    assert password is not None
+    assert password.get_secret_value() == expected
+
+
+def test_sentinel_credentials_from_the_settings_file(tmp_path: Path) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump({"redis_sentinels": ["s1:26379"], "redis_sentinel_master": "mymaster",
+                                    "redis_sentinel_username": "from-file",
+                                    "redis_sentinel_password": "file-password"}))
+    settings = load_redis_settings({"SEP_SETTINGS_FILE": str(path),
+                                    "SEP_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD})  # the environment wins
+    credentials = settings.sentinel_credentials
+    assert credentials.username == "from-file"
+    assert credentials.password is not None
+    assert credentials.password.get_secret_value() == SENTINEL_PASSWORD
+
+
+def test_sentinel_password_file_missing_or_empty(tmp_path: Path) -> None:
+    message = error_of({**SENTINEL, "SEP_REDIS_SENTINEL_PASSWORD_FILE": str(tmp_path / "nope")})
+    assert "SEP_REDIS_SENTINEL_PASSWORD_FILE: cannot read" in message
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    message = error_of({**SENTINEL, "SEP_REDIS_SENTINEL_PASSWORD_FILE": str(empty)})
+    assert "SEP_REDIS_SENTINEL_PASSWORD_FILE" in message
+    assert "empty" in message
+
+
+def test_both_sentinel_password_sources_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sentinel-password"
+    path.write_text(SENTINEL_PASSWORD)
+    message = error_of({**SENTINEL, "SEP_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
+                        "SEP_REDIS_SENTINEL_PASSWORD_FILE": str(path)})
+    assert "SEP_REDIS_SENTINEL_PASSWORD and SEP_REDIS_SENTINEL_PASSWORD_FILE are both set" in message
+    assert SENTINEL_PASSWORD not in message
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"SEP_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD}, "SEP_REDIS_SENTINEL_PASSWORD is set"),
+    ({"SEP_REDIS_SENTINEL_USERNAME": "u"}, "SEP_REDIS_SENTINEL_USERNAME is set"),
+    ({"SEP_REDIS_SENTINEL_PASSWORD_FILE": "/etc/hostname"}, "SEP_REDIS_SENTINEL_PASSWORD_FILE is set"),
+    ({"SEP_REDIS_SENTINEL_USERNAME": "u", "SEP_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD},
+     "SEP_REDIS_SENTINEL_USERNAME and SEP_REDIS_SENTINEL_PASSWORD are set"),
+])
+@pytest.mark.parametrize("server", [{"SEP_REDIS_HOST": "redis"}, {"SEP_REDIS_URL": "redis://redis"}, {}])
+def test_sentinel_credentials_only_in_sentinel_mode(extra: dict[str, str], named: str,
+                                                    server: dict[str, str]) -> None:
+    message = error_of({**server, **extra})
+    assert named in message
+    assert "SEP_REDIS_SENTINELS is not" in message
+    assert SENTINEL_PASSWORD not in message
 
 
 # -- errors -----------------------------------------------------------------------------------------------
@@ -249,6 +427,8 @@ def test_every_error_names_its_variable_and_never_the_password(pem: Path, tmp_pa
     for env, expected in _errors(pem, tmp_path):
         # the same case with the password given each way it can be given (where that is allowed)
         ways: list[dict[str, str]] = [{"PASSWORD": PASSWORD}, {"PASSWORD_FILE": str(password_file)}]
+        if "SENTINELS" in env:
+            ways += [{"SENTINEL_PASSWORD": PASSWORD}, {"SENTINEL_PASSWORD_FILE": str(password_file)}]
         if "URL" in env and "://" in env["URL"] and "@" not in env["URL"]:
             scheme, rest = env["URL"].split("://", 1)
             ways.append({"URL": f"{scheme}://user:{PASSWORD_IN_URL}@{rest}"})
