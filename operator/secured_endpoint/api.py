@@ -1,4 +1,4 @@
-"""The SecuredEndpoint API: names, condition reasons and pydantic models of the spec (SPEC §1).
+"""The SecuredEndpoint API: names, condition reasons and pydantic models of the spec (docs/contract.md §1).
 
 The CRD schema in ``crds/`` refuses most bad input at ``kubectl apply``; these models repeat the rules
 the operator relies on, so an object that slipped past (an older CRD, a direct etcd write) becomes
@@ -27,6 +27,7 @@ PLURAL = "securedendpoints"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "secured-endpoint-operator"
 ENDPOINT_ANNOTATION = "secured-endpoint.io/endpoint"  # on target Secrets: the owning endpoint's name
+TOKEN_FINGERPRINT_ANNOTATION = "secured-endpoint.io/token-fingerprint"  # on target Secrets: the token's fingerprint
 REFRESH_ANNOTATION = "secured-endpoint.io/refresh-requested-at"
 FINALIZER = "secured-endpoint.io/cleanup"
 
@@ -34,7 +35,7 @@ CONDITION_READY = "Ready"
 
 
 class Reason(enum.StrEnum):
-    """Reasons of the ``Ready`` condition (SPEC §1 table)."""
+    """Reasons of the ``Ready`` condition (docs/contract.md §1 table)."""
 
     TOKEN_ISSUED = "TokenIssued"
     TOKEN_REFRESHED = "TokenRefreshed"
@@ -97,7 +98,7 @@ class TrustStoreFormat(enum.StrEnum):
     JKS = "JKS"
 
 
-# Form fields the operator sets itself; a user parameter may not override them (SPEC §1, InvalidSpec).
+# Form fields the operator sets itself; a user parameter may not override them (docs/contract.md §1, InvalidSpec).
 RESERVED_PARAMETERS = frozenset({
     "grant_type", "client_id", "client_secret", "scope", "audience", "username", "password",
     "refresh_token", "client_assertion", "client_assertion_type",
@@ -247,19 +248,19 @@ class RefreshPolicy(_Model):
         return self
 
 
-class SecretTarget(_Model):
+class SecretTargetSpec(_Model):
     name: str | None = Field(default=None, min_length=1, max_length=253)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
-class RedisTarget(_Model):
+class RedisTargetSpec(_Model):
     enabled: bool = False
 
 
-class Target(_Model):
-    secret: SecretTarget | None = None
-    redis: RedisTarget | None = None
+class TargetSpec(_Model):
+    secret: SecretTargetSpec | None = None
+    redis: RedisTargetSpec | None = None
 
 
 class SecuredEndpointSpec(_Model):
@@ -279,7 +280,7 @@ class SecuredEndpointSpec(_Model):
     proxy: Proxy | None = None
     refresh: RefreshPolicy = Field(default_factory=RefreshPolicy)
     suspend: bool = False
-    target: Target = Field(default_factory=Target)
+    target: TargetSpec = Field(default_factory=TargetSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -327,13 +328,13 @@ class SecuredEndpointSpec(_Model):
 
     # -- derived views the controller relies on -------------------------------------------------
 
-    def secret_target(self, endpoint_name: str) -> SecretTarget | None:
+    def secret_target(self, endpoint_name: str) -> SecretTargetSpec | None:
         """The Secret target, or None when only Redis is asked for. No target at all means a Secret."""
         if self.target.secret is not None:
             return self.target.secret
         if self.target.redis is not None and self.target.redis.enabled:
             return None
-        return SecretTarget()
+        return SecretTargetSpec()
 
     def secret_target_name(self, endpoint_name: str) -> str | None:
         target = self.secret_target(endpoint_name)

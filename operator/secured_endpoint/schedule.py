@@ -2,7 +2,7 @@
 
 Two halves, neither of which imports kopf, kubernetes or httpx:
 
-**Pure policy** (SPEC §5). Small functions that take every input as a keyword argument — the issue time,
+**Pure policy** (docs/contract.md §5). Small functions that take every input as a keyword argument — the issue time,
 the clock reading ``now``, a ``random.Random`` for jitter — and return a decision. They never read the clock
 themselves, so tests pin them with fixed datetimes and a seeded ``Random``. All datetimes are timezone-aware;
 results are in UTC.
@@ -14,10 +14,10 @@ results are in UTC.
 - :func:`backoff_delay` / :func:`retry_time` — when to try again after a failed request: capped exponential
   backoff with "equal jitter", slower for errors that retrying will not fix, and one last attempt before a
   still-valid token expires.
-- :func:`reactive_allowed` — the per-endpoint floor between refreshes a gateway asked for (SPEC §4).
+- :func:`reactive_allowed` — the per-endpoint floor between refreshes a gateway asked for (docs/contract.md §4).
 
 **The scheduler.** kopf timers are one asyncio task per object, each holding a copy of the body, and they only
-know fixed intervals (see ANCHORS.md). Refreshes need "run at time T" for 10,000+ objects on one replica, so
+know fixed intervals. Refreshes need "run at time T" for 10,000+ objects on one replica, so
 :class:`Scheduler` keeps one heap of ``(due_time, sequence, key)`` entries for all of them:
 
 - ``schedule``/``cancel`` are O(log n) / O(1): a dict maps each key to its one current heap entry and an
@@ -78,7 +78,7 @@ def token_expiry(
     jwt_exp: datetime | None,
     default_expires_in: int,
 ) -> tuple[datetime, ExpirySource]:
-    """Return when a token issued at ``issued_at`` expires, and where that came from (SPEC §5).
+    """Return when a token issued at ``issued_at`` expires, and where that came from (docs/contract.md §5).
 
     The first usable source wins:
 
@@ -297,7 +297,7 @@ def retry_time(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pure policy: reactive refresh (SPEC §4)
+# Pure policy: reactive refresh (docs/contract.md §4)
 # ----------------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,9 @@ import kopf
 from secured_endpoint import api, kube, metrics, tokens
 from secured_endpoint.controller import Controller
 from secured_endpoint.settings import OperatorSettings, RedisSettings
-from secured_endpoint.targets.redis import RedisTarget
+from secured_endpoint.targets.base import Target
+from secured_endpoint.targets.redis import RedisTarget, UnconfiguredRedis
+from secured_endpoint.targets.secret import SecretTarget
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +148,15 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     redis = RedisTarget.from_settings(redis_settings)
     indexes = KopfIndexes(kwargs["secret_versions"], kwargs["configmap_versions"], kwargs["token_secrets"],
                           source_labels=operator_settings.source_labels)
+    targets: list[Target] = [
+        SecretTarget(client, labels=operator_settings.source_labels, held=indexes.target_fingerprint),
+        redis if redis is not None else UnconfiguredRedis(),
+    ]
     controller = Controller(client=client, token_client=token_client, settings=operator_settings,
-                            index=indexes, redis=redis)
+                            index=indexes, targets=targets)
     memo["controller"] = controller
     memo["indexes"] = indexes
+    memo["redis"] = redis
     await controller.start()
     if redis is not None:
         memo["redis_tasks"] = [
@@ -198,12 +205,13 @@ async def stop(*, memo: kopf.Memo, **_: Any) -> None:
         await controller.stop()
         await controller.token_client.aclose()
         await controller.client.aclose()
-        if controller.redis is not None:
-            await controller.redis.aclose()
+    redis: RedisTarget | None = memo.get("redis")
+    if redis is not None:
+        await redis.aclose()
 
 
 async def _serve_refresh_requests(controller: Controller, redis: RedisTarget) -> None:
-    """Gateways that saw a 401 ask here (SPEC §4); the controller decides whether it is still news."""
+    """Gateways that saw a 401 ask here (docs/contract.md §4); the controller decides whether it is still news."""
     async for namespace, name, fingerprint in redis.refresh_requests():
         if controller.request_refresh((namespace, name), fingerprint):
             logger.info("Refresh of %s/%s requested by a gateway.", namespace, name)
@@ -211,7 +219,7 @@ async def _serve_refresh_requests(controller: Controller, redis: RedisTarget) ->
 
 def _on_redis_restored(controller: Controller) -> Callable[[], Awaitable[None]]:
     async def restored() -> None:
-        controller.redis_restored()
+        controller.rewrite_all(RedisTarget.kind)
     return restored
 
 
@@ -231,7 +239,7 @@ async def secret_event(*, event: kopf.RawEvent, namespace: str | None, name: str
     controller.source_changed(namespace, api.SourceRef("Secret", name))
     if labels.get(api.MANAGED_BY_LABEL) == api.MANAGED_BY_VALUE:
         deleted = event["type"] == "DELETED"
-        controller.target_changed(namespace, name, None if deleted else _fingerprint_of(body))
+        controller.target_changed(SecretTarget.kind, namespace, name, None if deleted else _fingerprint_of(body))
 
 
 @kopf.on.event("v1", "configmaps", registry=registry)
@@ -256,7 +264,8 @@ def _fingerprint_of(body: kopf.Body) -> str:
 def run(settings: OperatorSettings, redis_settings: RedisSettings, *, all_namespaces: bool,
         namespaces: Iterable[str], kubeconfig: str | None, liveness: str | None, verbose: bool) -> None:
     """Configure kopf's logging and run the operator with these handlers until it is stopped."""
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
+    log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.PLAIN
+    kopf.configure(verbose=verbose, log_format=log_format)
     for chatty in ("httpx", "httpcore"):  # one line per request and per socket step: noise, not news
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if not verbose:

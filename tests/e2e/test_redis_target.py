@@ -1,10 +1,10 @@
-"""The Redis target against a real redis-server (``secured_endpoint.targets.redis``; SPEC §3 and §4).
+"""The Redis target against a real redis-server (``secured_endpoint.targets.redis``; docs/contract.md §3 and §4).
 
 No Kubernetes here: each test runs its own ``RedisServer`` (tens of milliseconds) and talks to it through
 ``RedisSettings`` exactly as the operator would.
 
 Cases:
-- write → the hash at <prefix>:<namespace>:<name> has exactly the SPEC §3 fields (expires_at integer unix
+- write → the hash at <prefix>:<namespace>:<name> has exactly the docs/contract.md §3 fields (expires_at integer unix
   seconds, scope "" when none) and a PTTL that matches the token's expiry; read() gives the token back; read of
   a missing key → None; not configured → from_settings() is None.
 - a second write → ":previous" holds the old token with its own expiry, the key the new one; a third write
@@ -46,6 +46,7 @@ from pydantic import SecretStr
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from secured_endpoint import api
 from secured_endpoint.settings import RedisSettings, load_redis_settings
 from secured_endpoint.targets.base import IssuedToken, Owner, TargetError
 from secured_endpoint.targets.redis import RedisTarget
@@ -55,6 +56,15 @@ pytestmark = pytest.mark.e2e
 
 MARKER = "s3cr3t"  # in every token and password below: the log must never show it
 OWNER = Owner("shop", "orders-backend", "uid-1")
+REDIS_SPEC = api.parse_spec({"tokenUrl": "https://idp.example/token", "clientSecretRef": {"name": "oauth"},
+                             "target": {"redis": {"enabled": True}}})
+
+
+def key_of(target: RedisTarget) -> str:
+    """Where ``target`` keeps OWNER's token (its own prefix)."""
+    where = target.location(OWNER, REDIS_SPEC)
+    assert where is not None
+    return where
 
 
 def token(lifetime: float = 600.0, *, scope: str | None = None) -> IssuedToken:
@@ -120,7 +130,7 @@ async def target(server: RedisServer) -> AsyncIterator[RedisTarget]:
 
 async def test_write_stores_the_spec_hash_with_expiry(target: RedisTarget, admin: aioredis.Redis) -> None:
     issued = token(600, scope="orders.read orders.write")
-    await target.write(OWNER, issued)
+    await target.write(OWNER, REDIS_SPEC, key_of(target), issued)
     key = "secured-endpoint:shop:orders-backend"
     assert target.key("shop", "orders-backend") == key
     assert await admin.hgetall(key) == {
@@ -132,19 +142,19 @@ async def test_write_stores_the_spec_hash_with_expiry(target: RedisTarget, admin
     assert abs(await admin.pttl(key) - expected_ms) < 1000
     assert await admin.exists(target.previous_key("shop", "orders-backend")) == 0
 
-    back = await target.read(OWNER)
+    back = await target.read(OWNER, key_of(target))
     assert back is not None
     assert back.access_token.get_secret_value() == issued.access_token.get_secret_value()
     assert (back.token_type, back.scope, back.fingerprint) == ("Bearer", "orders.read orders.write",
                                                                issued.fingerprint)
     assert back.expires_at == issued.expires_at.replace(microsecond=0)
-    assert await target.read(Owner("shop", "missing", "uid-2")) is None
+    assert await target.read(Owner("shop", "missing", "uid-2"), target.key("shop", "missing")) is None
 
 
 async def test_no_scope_is_an_empty_string(target: RedisTarget, admin: aioredis.Redis) -> None:
-    await target.write(OWNER, token(scope=None))
+    await target.write(OWNER, REDIS_SPEC, key_of(target), token(scope=None))
     assert await admin.hget(target.key(OWNER.namespace, OWNER.name), "scope") == ""
-    back = await target.read(OWNER)
+    back = await target.read(OWNER, key_of(target))
     assert back is not None
     assert back.scope is None
 
@@ -158,8 +168,8 @@ async def test_previous_token_stays_readable_until_its_own_expiry(target: RedisT
     key, previous = target.key(OWNER.namespace, OWNER.name), target.previous_key(OWNER.namespace, OWNER.name)
     assert previous == key + ":previous"
     first, second, third = token(300), token(900), token(1200)
-    await target.write(OWNER, first)
-    await target.write(OWNER, second)
+    await target.write(OWNER, REDIS_SPEC, key_of(target), first)
+    await target.write(OWNER, REDIS_SPEC, key_of(target), second)
     assert (await admin.hgetall(key))["fingerprint"] == second.fingerprint
     kept = await admin.hgetall(previous)
     assert kept["access_token"] == first.access_token.get_secret_value()
@@ -169,10 +179,10 @@ async def test_previous_token_stays_readable_until_its_own_expiry(target: RedisT
     assert abs(await admin.pttl(previous) - (first.expires_at - datetime.now(UTC)).total_seconds() * 1000) < 1000
     assert abs(await admin.pttl(key) - (second.expires_at - datetime.now(UTC)).total_seconds() * 1000) < 1000
 
-    await target.write(OWNER, second)  # a rewrite of the same token (after a restart): previous untouched
+    await target.write(OWNER, REDIS_SPEC, key_of(target), second)  # a rewrite of the same token (after a restart): previous untouched
     assert (await admin.hgetall(previous))["fingerprint"] == first.fingerprint
 
-    await target.write(OWNER, third)
+    await target.write(OWNER, REDIS_SPEC, key_of(target), third)
     assert (await admin.hgetall(previous))["fingerprint"] == second.fingerprint
     assert (await admin.hgetall(key))["fingerprint"] == third.fingerprint
 
@@ -181,8 +191,8 @@ async def test_updated_channel_announces_writes_and_deletes(target: RedisTarget,
     pubsub = admin.pubsub()
     await pubsub.subscribe("secured-endpoint:updated")
     assert target.updated_channel == "secured-endpoint:updated"
-    await target.write(OWNER, token())
-    await target.delete(OWNER)
+    await target.write(OWNER, REDIS_SPEC, key_of(target), token())
+    await target.delete(OWNER, key_of(target))
     received: list[str] = []
     deadline = time.monotonic() + 5
     while len(received) < 2 and time.monotonic() < deadline:
@@ -194,19 +204,19 @@ async def test_updated_channel_announces_writes_and_deletes(target: RedisTarget,
 
 
 async def test_delete_removes_both_keys(target: RedisTarget, admin: aioredis.Redis) -> None:
-    await target.write(OWNER, token())
-    await target.write(OWNER, token())
+    await target.write(OWNER, REDIS_SPEC, key_of(target), token())
+    await target.write(OWNER, REDIS_SPEC, key_of(target), token())
     assert await admin.exists(target.key(OWNER.namespace, OWNER.name),
                               target.previous_key(OWNER.namespace, OWNER.name)) == 2
-    await target.delete(OWNER)
+    await target.delete(OWNER, key_of(target))
     assert await admin.keys("*") == []
-    await target.delete(OWNER)  # nothing left: still fine
+    await target.delete(OWNER, key_of(target))  # nothing left: still fine
 
 
 async def test_custom_prefix(server: RedisServer, admin: aioredis.Redis) -> None:
     redis_target = make_target(settings(url=server.url(), key_prefix="gw"))
     try:
-        await redis_target.write(OWNER, token())
+        await redis_target.write(OWNER, REDIS_SPEC, key_of(redis_target), token())
         assert await admin.keys("*") == ["gw:shop:orders-backend"]
         assert (redis_target.updated_channel, redis_target.refresh_channel) == ("gw:updated", "gw:refresh")
     finally:
@@ -226,10 +236,10 @@ async def test_acl_user_password_file_and_db(tmp_path: Path) -> None:
         db3 = aioredis.Redis.from_url(acl_server.url(3), decode_responses=True)
         db0 = aioredis.Redis.from_url(acl_server.url(0), decode_responses=True)
         try:
-            await redis_target.write(OWNER, token())
+            await redis_target.write(OWNER, REDIS_SPEC, key_of(redis_target), token())
             assert await db3.keys("*") == ["secured-endpoint:shop:orders-backend"]
             assert await db0.keys("*") == []
-            assert await redis_target.read(OWNER) is not None
+            assert await redis_target.read(OWNER, key_of(redis_target)) is not None
             anonymous = aioredis.Redis(host="127.0.0.1", port=acl_server.port, protocol=2,
                                        retry=Retry(NoBackoff(), 0))
             with pytest.raises(Exception, match=r"NOAUTH|[Aa]uthenticat"):
@@ -249,8 +259,8 @@ async def test_tls_with_ca_and_client_certificate(tmp_path: Path) -> None:
                                     key_file=str(tls_server.client_key_path)))
         try:
             issued = token()
-            await full.write(OWNER, issued)
-            back = await full.read(OWNER)
+            await full.write(OWNER, REDIS_SPEC, key_of(full), issued)
+            back = await full.read(OWNER, key_of(full))
             assert back is not None
             assert back.fingerprint == issued.fingerprint
         finally:
@@ -263,7 +273,7 @@ async def test_tls_with_ca_and_client_certificate(tmp_path: Path) -> None:
         no_client_cert = make_target(settings(**base))
         try:
             with pytest.raises(TargetError) as caught:
-                await no_client_cert.write(OWNER, token())
+                await no_client_cert.write(OWNER, REDIS_SPEC, key_of(no_client_cert), token())
             assert "127.0.0.1" in caught.value.message
         finally:
             await no_client_cert.aclose()
@@ -276,7 +286,7 @@ async def test_tls_with_ca_and_client_certificate(tmp_path: Path) -> None:
                                         key_file=str(tls_server.client_key_path)))
         try:
             with pytest.raises(TargetError, match=r"(?i)certificate"):
-                await wrong_ca.write(OWNER, token())
+                await wrong_ca.write(OWNER, REDIS_SPEC, key_of(wrong_ca), token())
         finally:
             await wrong_ca.aclose()
 
@@ -285,7 +295,7 @@ async def test_rediss_url(tmp_path: Path) -> None:
     with RedisServer(password=f"{MARKER}-tls", tls=True) as tls_server:
         redis_target = make_target(settings(url=tls_server.url(2, tls=True), ca_file=str(tls_server.ca_path)))
         try:
-            await redis_target.write(OWNER, token())
+            await redis_target.write(OWNER, REDIS_SPEC, key_of(redis_target), token())
             assert redis_target.where == f"Redis at 127.0.0.1:{tls_server.tls_port} db 2 (TLS)"
         finally:
             await redis_target.aclose()
@@ -297,14 +307,14 @@ async def test_wrong_password_is_a_target_error_without_the_password(server: Red
     redis_target = make_target(settings(host="127.0.0.1", port=str(server.port), password=wrong))
     try:
         with pytest.raises(TargetError) as caught:
-            await redis_target.write(OWNER, token())
+            await redis_target.write(OWNER, REDIS_SPEC, key_of(redis_target), token())
         message = str(caught.value)
         assert caught.value.target == "Redis"
         assert message.startswith("Redis: cannot write shop/orders-backend at Redis at 127.0.0.1:")
         assert wrong not in message
         assert MARKER not in message
         with pytest.raises(TargetError):
-            await redis_target.read(OWNER)
+            await redis_target.read(OWNER, key_of(redis_target))
         assert not redis_target.available
     finally:
         await redis_target.aclose()
@@ -321,7 +331,7 @@ async def test_a_server_that_never_answers_does_not_block(unused_tcp_port: int) 
     try:
         started = time.monotonic()
         with pytest.raises(TargetError, match=r"no answer within 1\.6 s"):  # connect + 2 reads + 1 s
-            await redis_target.write(OWNER, token())
+            await redis_target.write(OWNER, REDIS_SPEC, key_of(redis_target), token())
         assert time.monotonic() - started < 2.5
         assert not await redis_target.ping()
     finally:
@@ -428,7 +438,7 @@ async def test_watch_availability_calls_on_restored_after_an_outage(server: Redi
 
     async def on_restored() -> None:
         restored.append(time.monotonic())
-        await target.write(OWNER, pending)  # what the operator does: rewrite every current token
+        await target.write(OWNER, REDIS_SPEC, key_of(target), pending)  # what the operator does: rewrite every current token
 
     pending = token()
     watcher = asyncio.create_task(target.watch_availability(on_restored))
@@ -439,7 +449,7 @@ async def test_watch_availability_calls_on_restored_after_an_outage(server: Redi
         server.kill()
         await eventually(lambda: asyncio.sleep(0, not target.available), what="unavailable")
         with pytest.raises(TargetError):
-            await target.write(OWNER, pending)
+            await target.write(OWNER, REDIS_SPEC, key_of(target), pending)
         await asyncio.sleep(0.3)
         assert caplog.text.count("is unreachable") == 1  # logged once per outage, not once per ping
 
@@ -487,7 +497,7 @@ async def test_redis_down_at_start_up_is_restored_when_it_comes(unused_tcp_port:
         with RedisServer(password=f"{MARKER}-pw", port=unused_tcp_port):
             await asyncio.wait_for(restored.wait(), 10)
             assert redis_target.available
-            await redis_target.write(OWNER, token())
+            await redis_target.write(OWNER, REDIS_SPEC, key_of(redis_target), token())
     finally:
         watcher.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -505,8 +515,8 @@ async def test_sentinel_mode(server: RedisServer, admin: aioredis.Redis) -> None
         try:
             assert redis_target.where == f"Redis master 'tokens' via sentinels {sentinel.address} db 0"
             issued = token()
-            await redis_target.write(OWNER, issued)
-            back = await redis_target.read(OWNER)
+            await redis_target.write(OWNER, REDIS_SPEC, key_of(redis_target), issued)
+            back = await redis_target.read(OWNER, key_of(redis_target))
             assert back is not None
             assert back.fingerprint == issued.fingerprint
             assert (await admin.hgetall(redis_target.key(OWNER.namespace, OWNER.name)))["fingerprint"] \

@@ -1,13 +1,21 @@
-"""What every target (Secret, Redis) stores, and how a target says it could not."""
+"""What every target stores, the protocol every target implements, and how a target says it could not.
+
+A target is a place gateways read tokens from: the token Secret (docs/contract.md §2), Redis (§3). The
+controller holds a list of them and never names one: for each it asks where this endpoint's token goes
+(:meth:`Target.location`), writes there, reads back from there after a restart, and removes what an old
+location holds once the token is in its new place. The status records each target's location under
+``status.targets.<kind>`` as ``{<field>: <location>}`` (``secret: {name: …}``, ``redis: {key: …}``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from pydantic import SecretStr
 
-from secured_endpoint import status
+from secured_endpoint import api, status
 
 
 @dataclass(frozen=True)
@@ -50,3 +58,40 @@ class TargetError(Exception):
         super().__init__(f"{target}: {message}")
         self.target = target
         self.message = message
+
+
+class Target(Protocol):
+    """One place tokens go. Implementations: :class:`~secured_endpoint.targets.secret.SecretTarget`,
+    :class:`~secured_endpoint.targets.redis.RedisTarget` (and its stand-in when Redis is not configured)."""
+
+    kind: str  # the key under status.targets
+    location_field: str  # the field of status.targets.<kind> that holds the location
+    # what it stores disappears by itself when the token expires (a Redis key with PEXPIREAT), so removing it
+    # when the endpoint is deleted is best effort and never holds the deletion up
+    expires_by_itself: bool
+
+    def location(self, owner: Owner, spec: api.SecuredEndpointSpec) -> str | None:
+        """Where this endpoint's token goes (a Secret name, a Redis key); None when the spec does not want
+        this target."""
+        ...
+
+    async def write(self, owner: Owner, spec: api.SecuredEndpointSpec, location: str, token: IssuedToken) -> None:
+        """Store ``token`` at ``location``; raise :class:`TargetError` saying why not."""
+        ...
+
+    async def read(self, owner: Owner, location: str) -> IssuedToken | None:
+        """The token this endpoint's target holds at ``location``, or None (missing, foreign, unreadable)."""
+        ...
+
+    async def delete(self, owner: Owner, location: str) -> None:
+        """Remove what this endpoint stored at ``location`` (and nothing that is not its own)."""
+        ...
+
+    def lost(self, namespace: str, location: str, fingerprint: str) -> bool:
+        """Without I/O, from what the operator watches: is it known that ``location`` no longer holds the token
+        with ``fingerprint``? False when it cannot tell."""
+        ...
+
+    def forget(self, namespace: str, location: str) -> None:
+        """The object at ``location`` was deleted by someone: drop what is remembered about it."""
+        ...

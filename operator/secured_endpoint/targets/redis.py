@@ -1,4 +1,5 @@
-"""The Redis target: tokens in a shared cache for gateways (SPEC §3) and their refresh requests (SPEC §4).
+"""The Redis target: tokens in a shared cache for gateways (docs/contract.md §3) and their refresh requests
+(docs/contract.md §4).
 
 Layout, with ``<prefix>`` = ``SEP_REDIS_KEY_PREFIX`` (default ``secured-endpoint``):
 
@@ -24,8 +25,8 @@ Connections: one ``redis.asyncio`` client (a pool) — a single server (URL or h
 Redis Sentinel names (``master_for``; failover is followed on reconnect). Connect and socket timeouts, a few
 quick retries with jittered backoff on connection errors and timeouts, a health check on idle connections,
 and an overall deadline on each operation, so nothing here waits forever. Sentinels are contacted with the
-same timeouts and TLS settings but without credentials (redis-py's convention; SPEC §3 has no sentinel
-password). TLS always verifies the server certificate and its host name; the CA and client files are read
+same timeouts and TLS settings, and with their own credentials (``SEP_REDIS_SENTINEL_USERNAME``,
+``SEP_REDIS_SENTINEL_PASSWORD(_FILE)``; docs/contract.md §3), not the server's. TLS always verifies the server certificate and its host name; the CA and client files are read
 when the first connection is made.
 
 Outages: the operator does not depend on Redis to run. :meth:`RedisTarget.watch_availability` probes every
@@ -65,6 +66,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from secured_endpoint import api
 from secured_endpoint.settings import RedisSettings
 from secured_endpoint.targets.base import IssuedToken, Owner, TargetError
 from secured_endpoint_gateway import wire
@@ -122,6 +124,7 @@ class RedisTarget:
     """Writes tokens to Redis, removes them, reads them back, and listens for gateways' refresh requests."""
 
     def __init__(self, client: Redis, *, key_prefix: str, where: str, password: SecretStr | None = None,
+                 sentinel_password: SecretStr | None = None,
                  sentinel: Sentinel | None = None, operation_timeout: float = 16.0, ping_interval: float = 1.0,
                  keepalive_interval: float = 5.0, reconnect_base: float = 0.1, reconnect_cap: float = 5.0,
                  rng: random.Random | None = None) -> None:
@@ -130,6 +133,7 @@ class RedisTarget:
         self.key_prefix = key_prefix
         self.where = where  # "Redis at host:port db 0" or "Redis master 'x' via sentinels ...": for messages
         self._password = password  # only to scrub it from error texts
+        self._sentinel_password = sentinel_password
         self._operation_timeout = operation_timeout
         self._ping_interval = ping_interval
         self._keepalive_interval = keepalive_interval
@@ -183,14 +187,17 @@ class RedisTarget:
         sentinel: Sentinel | None = None
         if settings.sentinels is not None:
             assert settings.sentinel_master is not None  # settings validation guarantees it
-            sentinel = Sentinel(list(settings.sentinel_addresses), sentinel_kwargs=common,  # type: ignore[no-untyped-call]
-                                **server)
+            auth = settings.sentinel_credentials
+            sentinel_kwargs = {**common, "username": auth.username,
+                               "password": auth.password.get_secret_value() if auth.password else None}
+            sentinel = Sentinel(list(settings.sentinel_addresses),  # type: ignore[no-untyped-call]
+                                sentinel_kwargs=sentinel_kwargs, **server)
             client: Redis = sentinel.master_for(settings.sentinel_master)
         else:
             assert connection.host is not None
             client = Redis(host=connection.host, port=connection.port, **server)
         return cls(client, key_prefix=settings.key_prefix, where=settings.describe(), password=connection.password,
-                   sentinel=sentinel, **options)
+                   sentinel_password=settings.sentinel_credentials.password, sentinel=sentinel, **options)
 
     # -- names -------------------------------------------------------------------------------------------
 
@@ -220,34 +227,47 @@ class RedisTarget:
 
     # -- the target --------------------------------------------------------------------------------------
 
-    async def write(self, owner: Owner, token: IssuedToken) -> None:
-        """Store ``token`` (keeping the one it replaces as ``:previous``) and announce it, atomically."""
+    kind = "redis"
+    location_field = "key"
+    expires_by_itself = True  # every key has the token's expiry (PEXPIREAT)
+
+    def location(self, owner: Owner, spec: api.SecuredEndpointSpec) -> str | None:
+        return self.key(owner.namespace, owner.name) if spec.redis_enabled else None
+
+    def lost(self, namespace: str, location: str, fingerprint: str) -> bool:
+        return False  # not watched; the _alive marker tells when Redis lost everything (watch_availability)
+
+    def forget(self, namespace: str, location: str) -> None:
+        pass  # nothing is remembered per key
+
+    async def write(self, owner: Owner, spec: api.SecuredEndpointSpec, location: str, token: IssuedToken) -> None:
+        """Store ``token`` at ``location`` (keeping the one it replaces as ``:previous``) and announce it,
+        atomically."""
         expires_ms = int(token.expires_at.timestamp() * 1000)
         arguments = [
             token.access_token.get_secret_value(), token.token_type, str(expires_ms // 1000), token.scope or "",
             token.fingerprint, str(expires_ms), self.updated_channel, wire.endpoint_id(owner.namespace, owner.name),
         ]
-        keys = [self.key(owner.namespace, owner.name), self.previous_key(owner.namespace, owner.name)]
+        keys = [location, location + wire.PREVIOUS_SUFFIX]
         await self._run("write", owner, self._write_script(keys=keys, args=arguments),
                         secrets=(token.access_token.get_secret_value(),))
 
-    async def delete(self, owner: Owner) -> None:
+    async def delete(self, owner: Owner, location: str) -> None:
         """Remove the token and the previous one, then announce it so that caches drop it."""
         async def delete() -> None:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(self.key(owner.namespace, owner.name), self.previous_key(owner.namespace, owner.name))
+                pipe.delete(location, location + wire.PREVIOUS_SUFFIX)
                 pipe.publish(self.updated_channel, wire.endpoint_id(owner.namespace, owner.name))
                 await pipe.execute()
 
         await self._run("delete", owner, delete())
 
-    async def read(self, owner: Owner) -> IssuedToken | None:
-        """The token Redis holds for ``owner`` (to rewrite the other targets after a restart), or None.
+    async def read(self, owner: Owner, location: str) -> IssuedToken | None:
+        """The token Redis holds at ``location`` (to rewrite the other targets after a restart), or None.
 
         Redis does not store when the token was issued: ``issued_at`` is the moment of reading.
         """
-        data: dict[str, str] = await self._run("read", owner, self._client.hgetall(self.key(owner.namespace,
-                                                                                             owner.name)))
+        data: dict[str, str] = await self._run("read", owner, self._client.hgetall(location))
         if not data:
             return None
         try:
@@ -274,7 +294,7 @@ class RedisTarget:
             self._mark_down(exc, operation)
             return None
 
-    # -- refresh requests (SPEC §4) ----------------------------------------------------------------------
+    # -- refresh requests (docs/contract.md §4) ----------------------------------------------------------------------
 
     async def refresh_requests(self) -> AsyncIterator[tuple[str, str, str]]:
         """Yield ``(namespace, name, fingerprint)`` for every well-formed request on ``<prefix>:refresh``.
@@ -407,7 +427,7 @@ class RedisTarget:
     def _safe(self, exc: BaseException, secrets: Iterable[str] = ()) -> str:
         """The error's type and text, with the password and any token cut out, and short."""
         text = str(exc)
-        for secret in (*secrets, self._password.get_secret_value() if self._password else ""):
+        for secret in (*secrets, *(p.get_secret_value() for p in (self._password, self._sentinel_password) if p)):
             if secret:
                 text = text.replace(secret, "***")
         text = " ".join(text.split())
@@ -420,3 +440,31 @@ class RedisTarget:
         await self._client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()
+
+
+class UnconfiguredRedis:
+    """The Redis target of an operator without Redis settings: an endpoint that asks for Redis is told so
+    (``TargetWriteFailed``), and nothing is ever written or removed."""
+
+    kind = "redis"
+    location_field = "key"
+    expires_by_itself = True
+
+    def location(self, owner: Owner, spec: api.SecuredEndpointSpec) -> str | None:
+        return wire.token_key(wire.DEFAULT_PREFIX, owner.namespace, owner.name) if spec.redis_enabled else None
+
+    def lost(self, namespace: str, location: str, fingerprint: str) -> bool:
+        return False
+
+    def forget(self, namespace: str, location: str) -> None:
+        pass
+
+    async def write(self, owner: Owner, spec: api.SecuredEndpointSpec, location: str, token: IssuedToken) -> None:
+        raise TargetError(TARGET, "the Redis target is enabled but this operator has no Redis configured "
+                                  "(set SEP_REDIS_URL, SEP_REDIS_HOST or SEP_REDIS_SENTINELS)")
+
+    async def read(self, owner: Owner, location: str) -> IssuedToken | None:
+        return None
+
+    async def delete(self, owner: Owner, location: str) -> None:
+        pass

@@ -1,4 +1,4 @@
-"""The token Secret that gateway Deployments mount (SPEC §2).
+"""The token Secret that gateway Deployments mount (docs/contract.md §2).
 
 Owned by its SecuredEndpoint (ownerReference + managed-by label). A Secret of the same name that the
 endpoint does not own is never overwritten. Ownership seen once is remembered by uid, so a steady-state
@@ -8,7 +8,7 @@ between is refused by the apiserver instead of overwritten.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -21,16 +21,36 @@ from secured_endpoint_gateway import wire
 KEYS = wire.SECRET_KEYS
 
 
+# What the operator's watch of Secrets reports for a token Secret: the fingerprint it holds (None: not there).
+HeldFingerprint = Callable[[str, str], str | None]
+
+
 class SecretTarget:
-    def __init__(self, client: kube.KubeClient, *, labels: Mapping[str, str] | None = None) -> None:
+    """The token Secret; its location is the Secret's name (``status.targets.secret.name``)."""
+
+    kind = "secret"
+    location_field = "name"
+    expires_by_itself = False
+
+    def __init__(self, client: kube.KubeClient, *, labels: Mapping[str, str] | None = None,
+                 held: HeldFingerprint | None = None) -> None:
         self._client = client
         self.labels: Mapping[str, str] = dict(labels or {})  # operator-wide: SEP_SOURCE_LABEL_SELECTOR's
+        self._held = held
         self._owned_uids: dict[tuple[str, str], str] = {}  # (namespace, secret name) -> Secret uid
 
-    async def write(self, owner: Owner, name: str, token: IssuedToken, *,
-                    labels: Mapping[str, str], annotations: Mapping[str, str]) -> None:
+    def location(self, owner: Owner, spec: api.SecuredEndpointSpec) -> str | None:
+        return spec.secret_target_name(owner.name)
+
+    def lost(self, namespace: str, location: str, fingerprint: str) -> bool:
+        return self._held is not None and self._held(namespace, location) != fingerprint
+
+    async def write(self, owner: Owner, spec: api.SecuredEndpointSpec, location: str, token: IssuedToken) -> None:
+        name = location
         where = f"Secret/{name}"
-        body = _secret_body(owner, name, token, labels={**labels, **self.labels}, annotations=annotations)
+        wanted = spec.secret_target(owner.name) or api.SecretTargetSpec()
+        body = _secret_body(owner, name, token, labels={**wanted.labels, **self.labels},
+                            annotations=wanted.annotations)
         cache_key = (owner.namespace, name)
         try:
             known_uid = self._owned_uids.get(cache_key)
@@ -117,7 +137,9 @@ def _secret_body(owner: Owner, name: str, token: IssuedToken, *, labels: Mapping
             "name": name, "namespace": owner.namespace,
             "labels": {**labels, api.MANAGED_BY_LABEL: api.MANAGED_BY_VALUE},
             # an annotation, not a label: endpoint names may be longer than a label value allows
-            "annotations": {**annotations, api.ENDPOINT_ANNOTATION: owner.name},
+            # the fingerprint also as an annotation: a metadata-only watch sees whose token the Secret holds
+            "annotations": {**annotations, api.ENDPOINT_ANNOTATION: owner.name,
+                            api.TOKEN_FINGERPRINT_ANNOTATION: token.fingerprint},
             "ownerReferences": [{
                 "apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "name": owner.name,
                 "uid": owner.uid, "controller": True, "blockOwnerDeletion": True,

@@ -13,7 +13,7 @@
                                                                  cannot be used (parse, match, expiry)
 
 ``permanent`` means "retrying the same request will not help until the spec or a Secret changes"; the
-controller backs off harder instead of hammering the token server (SPEC §5).
+controller backs off harder instead of hammering the token server (docs/contract.md §5).
 
 Messages are safe to put into a condition, an event or a log line: they name the token URL's host, the
 HTTP status and a short sanitized excerpt of the OAuth ``error``/``error_description`` fields, and never a

@@ -26,7 +26,7 @@ from secured_endpoint_gateway.wire import fingerprint as fingerprint  # re-expor
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is a few KiB; more is a misbehaving server
 
-# OAuth error codes that mean "these credentials will not work" (SPEC §1: InvalidCredentials).
+# OAuth error codes that mean "these credentials will not work" (docs/contract.md §1: InvalidCredentials).
 CREDENTIAL_ERRORS = frozenset({"invalid_client", "invalid_grant", "unauthorized_client"})
 # OAuth error codes that mean "try again later" whatever the HTTP status says.
 TRANSIENT_ERRORS = frozenset({"server_error", "temporarily_unavailable", "slow_down"})

@@ -9,7 +9,6 @@ the password.
 from __future__ import annotations
 
 import datetime as dt
-import enum
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from pydantic import SecretStr
 
+from secured_endpoint import api
 from secured_endpoint.tokens.errors import TrustStoreInvalidError
 
 _JKS_MAGIC = b"\xfe\xed\xfe\xed"
@@ -24,10 +24,7 @@ _JCEKS_MAGIC = b"\xce\xce\xce\xce"
 _PASSWORD_FIELD = "spec.trustStore.passwordKey"
 
 
-class Format(enum.StrEnum):
-    PEM = "PEM"
-    PKCS12 = "PKCS12"
-    JKS = "JKS"
+Format = api.TrustStoreFormat  # the spec's enum: one list of formats
 
 
 def detect_format(data: bytes) -> Format | None:

@@ -1,0 +1,194 @@
+"""What to do for one SecuredEndpoint now, and when to look at it again: pure decisions (docs/contract.md §5).
+
+The controller gathers a frozen :class:`Situation` — the recorded status, the spec's state, what shaped the
+current token and what would shape one now, the runtime bookkeeping and the clock reading ``now`` — and
+this module answers, with nothing but arithmetic:
+
+- :func:`decide`: the one :class:`Action` to take now, with the reasons (for the log) in ``why``;
+- :func:`next_due`: when the controller must run again (None: only when something changes).
+
+The rules, in the order they apply (the first that matches wins, like cert-manager's trigger policy chain):
+
+1. Being deleted → clean up (if our finalizer is still there), else nothing.
+2. A spec the operator cannot use → report ``InvalidSpec`` once for this generation.
+3. ``spec.suspend`` → report ``Suspended`` once for this generation.
+4. A new token is needed (:func:`fetch_reasons`): none yet; the token-shaping spec fields changed; a
+   referenced Secret/ConfigMap changed; the planned refresh is due; a forced refresh (the annotation, or a
+   gateway's report of a refused token) past the per-endpoint floor. After a failed fetch, a change of inputs
+   counts only if the inputs differ from the failed attempt's: otherwise backoff decides.
+5. The targets must be written again with the token in hand (one was lost, a write failed, Redis came back)
+   or the status is for an older generation → rewrite, once any write retry time has come.
+6. Otherwise wait until the earliest of: the refresh time, the write retry, the end of the floor for a
+   pending forced refresh.
+
+:func:`failure_retry` says when to try again after a failed fetch, and :func:`ready_reason` which reason a
+successful write reports.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from secured_endpoint import api, schedule
+from secured_endpoint.status import EndpointStatus
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything outside the operator that shapes a token: the spec's settings and the sources' versions."""
+
+    config_hash: str
+    source_versions: tuple[tuple[str, str | None], ...]  # ("Secret/name", resourceVersion or None: missing)
+
+
+@dataclass(frozen=True)
+class Situation:
+    """One endpoint as the controller sees it at ``now``; every input of :func:`decide`."""
+
+    now: datetime
+    generation: int
+    deleting: bool
+    has_finalizer: bool
+    spec_valid: bool
+    suspended: bool
+    recorded: EndpointStatus
+    inputs: Inputs | None  # None while the spec is invalid
+    failed_inputs: Inputs | None = None  # what the last failed fetch used
+    refresh_at: datetime | None = None  # when the next token is due (after a failure: the retry)
+    rewrite_at: datetime | None = None  # when to retry a failed target write
+    targets_dirty: bool = False  # a target lost the token or could not be written
+    refresh_request: str | None = None  # the refresh annotation's value
+    reactive_fingerprint: str | None = None  # a gateway reported this (current) token as refused
+    last_forced: datetime | None = None  # when the last forced refresh ran
+    floor: timedelta = timedelta(seconds=5)  # least time between two forced refreshes
+
+
+class Action(enum.Enum):
+    NOTHING = "nothing"  # nothing to do until something changes
+    CLEAN_UP = "clean up"  # being deleted: remove what the endpoint wrote, then our finalizer
+    REPORT_INVALID_SPEC = "report invalid spec"
+    SUSPEND = "report suspended"
+    FETCH = "fetch"  # request a new token, then write the targets
+    REWRITE = "rewrite"  # write the token in hand (or read back from a target) to every target again
+    WAIT = "wait"  # nothing due yet
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    why: tuple[str, ...] = ()
+    forced: bool = False  # the fetch answers a refresh request (it starts the floor again)
+    needs_finalizer: bool = False  # add our finalizer before acting
+
+    @property
+    def fetch(self) -> bool:
+        return self.action is Action.FETCH
+
+
+def forced_pending(s: Situation) -> bool:
+    """Has someone asked for a refresh that has not been acted on yet (the annotation or a gateway)?"""
+    annotation = s.refresh_request is not None and s.refresh_request != s.recorded.last_refresh_request
+    return annotation or s.reactive_fingerprint is not None
+
+
+def floor_passed(s: Situation) -> bool:
+    """May a forced refresh run now? The floor keeps a gateway that keeps getting 401s (a wrong audience, say)
+    from turning every refused request into a token request."""
+    return schedule.reactive_allowed(now=s.now, last_refresh=s.last_forced, floor_seconds=s.floor.total_seconds())
+
+
+def fetch_reasons(s: Situation) -> tuple[str, ...]:
+    """Why a new token is needed now (empty: it is not). Needs a valid spec (``s.inputs``)."""
+    assert s.inputs is not None
+    recorded = s.recorded
+    why: list[str] = []
+    if forced_pending(s) and floor_passed(s):
+        why.append("refresh requested")
+    if s.inputs != s.failed_inputs:
+        if recorded.token_config_hash is None:
+            why.append("no token yet")
+        else:
+            if recorded.token_config_hash != s.inputs.config_hash:
+                why.append("token settings changed")
+            changed = [name for name, version in s.inputs.source_versions
+                       if recorded.source_versions.get(name) != version]
+            if changed:
+                why.append(f"{', '.join(changed)} changed")
+    if s.refresh_at is not None and s.refresh_at <= s.now:
+        why.append("refresh due")
+    return tuple(why)
+
+
+def decide(s: Situation) -> Decision:
+    """The action to take now (see the module docstring for the rules)."""
+    if s.deleting:
+        return Decision(Action.CLEAN_UP if s.has_finalizer else Action.NOTHING)
+    if not s.spec_valid:
+        return Decision(Action.NOTHING if s.recorded.reported(api.Reason.INVALID_SPEC, s.generation)
+                        else Action.REPORT_INVALID_SPEC)
+    if s.suspended:
+        return Decision(Action.NOTHING if s.recorded.reported(api.Reason.SUSPENDED, s.generation)
+                        else Action.SUSPEND)
+    needs_finalizer = not s.has_finalizer
+    why = fetch_reasons(s)
+    if why:
+        return Decision(Action.FETCH, why, forced="refresh requested" in why, needs_finalizer=needs_finalizer)
+    rewrite_due = s.targets_dirty and (s.rewrite_at is None or s.rewrite_at <= s.now)
+    if rewrite_due or s.recorded.observed_generation != s.generation:
+        return Decision(Action.REWRITE, ("targets need the token again",) if rewrite_due else ("spec changed",),
+                        needs_finalizer=needs_finalizer)
+    return Decision(Action.WAIT, needs_finalizer=needs_finalizer)
+
+
+def next_due(s: Situation) -> datetime | None:
+    """When the controller must act for this endpoint next (None: only when something changes)."""
+    decision = decide(s)
+    if decision.action is Action.NOTHING:
+        return None
+    if decision.action is not Action.WAIT or decision.needs_finalizer:
+        return s.now
+    candidates = [s.refresh_at]
+    if s.targets_dirty:
+        candidates.append(s.rewrite_at)
+    if forced_pending(s) and s.last_forced is not None:
+        candidates.append(s.last_forced + s.floor)
+    return min((c for c in candidates if c is not None), default=None)
+
+
+def ready_reason(*, first_token: bool, fetched: bool, current: EndpointStatus) -> api.Reason:
+    """``TokenIssued`` for an endpoint's first token, ``TokenRefreshed`` for a new one; a rewrite of the same
+    token keeps the reason a Ready status already shows."""
+    if not fetched:
+        ready = current.ready
+        if ready is not None and ready.status == "True" and ready.reason in api.Reason.__members__.values():
+            return api.Reason(ready.reason)
+    return api.Reason.TOKEN_ISSUED if first_token else api.Reason.TOKEN_REFRESHED
+
+
+class FailureKind(enum.Enum):
+    CREDENTIALS = "credentials"  # a referenced Secret/ConfigMap or key is missing or unusable
+    TOKEN = "token"  # the token server refused, failed or answered nonsense
+    KUBE = "kube"  # the Kubernetes API failed while reading the sources
+    TARGET = "target"  # a target could not be written
+    UNEXPECTED = "unexpected"  # a bug or an unclassified library error
+
+
+def failure_retry(*, kind: FailureKind, now: datetime, failures: int, permanent: bool,
+                  retry_after_seconds: float | None, served_until: datetime | None,
+                  credentials_retry: timedelta, rng: random.Random) -> datetime:
+    """When to try again after the ``failures``-th consecutive failure of ``kind`` at ``now``.
+
+    A missing Secret is retried when it appears (a watch event), so its timed retry is only a safety net; a
+    server's Retry-After (429, 503) is honoured; everything else follows :func:`schedule.retry_time`.
+    """
+    if kind is FailureKind.CREDENTIALS:
+        return now + credentials_retry * rng.uniform(0.9, 1.0)
+    retry_at = schedule.retry_time(now=now, failures=failures, permanent=permanent and kind is FailureKind.TOKEN,
+                                   expires_at=served_until, rng=rng)
+    if retry_after_seconds is not None:
+        retry_at = max(retry_at, now + timedelta(seconds=min(retry_after_seconds,
+                                                             schedule.MAX_RETRY_AFTER_SECONDS)))
+    return retry_at

@@ -1,0 +1,64 @@
+"""Telling the world what happened to an endpoint, in one place: the status patch, the Event on a transition
+of ``Ready``, the log line and the metric of a failure.
+
+A status write sends only the difference between what the apiserver holds and what should be there (a JSON
+merge patch); nothing is sent when nothing a reader cares about changed. Events are posted only when the
+``Ready`` condition changes status or reason, so a refresh every few minutes does not flood ``kubectl
+describe``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from secured_endpoint import api, kube, metrics, status
+from secured_endpoint.intake import Endpoint
+from secured_endpoint.status import EndpointStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StatusPublisher:
+    client: kube.KubeClient
+    component: str  # the Events' reporting component
+
+    async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> bool:
+        """Make the status ``wanted``; False if the apiserver refused (the caller tries again later).
+        A ``Ready=False`` status (but ``Suspended``) is a failure report: logged and counted each time, not only
+        on transitions."""
+        ready = wanted.ready
+        if ready is not None and ready.status != "True" and ready.reason != api.Reason.SUSPENDED:
+            metrics.REFRESH_FAILURES.labels(reason=ready.reason).inc()
+            logger.warning("%s/%s is not ready (%s): %s", endpoint.namespace, endpoint.name, ready.reason,
+                           ready.message)
+        before = endpoint.recorded
+        wanted_json = wanted.to_json()
+        patch = status.merge_patch(endpoint.stored, wanted_json)
+        if not patch:
+            endpoint.recorded = wanted
+            return True
+        try:
+            await self.client.patch_endpoint_status(endpoint.namespace, endpoint.name, patch)
+        except kube.KubeError as exc:
+            if exc.not_found:  # deleted meanwhile: its DELETED event follows
+                return True
+            logger.warning("Could not write the status of %s/%s: %s", endpoint.namespace, endpoint.name, exc)
+            return False
+        endpoint.recorded, endpoint.stored = wanted, wanted_json
+        await self._announce(endpoint, before.ready, wanted.ready)
+        return True
+
+    async def _announce(self, endpoint: Endpoint, before: status.Condition | None,
+                        after: status.Condition | None) -> None:
+        if after is None or (before is not None and (before.status, before.reason) == (after.status, after.reason)):
+            return
+        try:
+            await self.client.post_event(
+                namespace=endpoint.namespace, name=endpoint.name, uid=endpoint.desired.uid,
+                event_type="Normal" if after.status == "True" else "Warning", reason=after.reason,
+                message=after.message, component=self.component)
+        except kube.KubeError as exc:
+            logger.debug("Could not post an event for %s/%s: %s", endpoint.namespace, endpoint.name, exc)
+

@@ -1,0 +1,89 @@
+"""One token request for one endpoint: credentials from its namespace + the token client → a token, or a
+classified failure. No decisions about *when* (that is :mod:`secured_endpoint.policy`), no writes.
+
+Failures come back as values, not exceptions, each with the ``Ready`` reason, a message that is safe to show
+(it names objects, keys, hosts and HTTP statuses, never a secret) and what :func:`policy.failure_retry`
+needs to plan the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import SecretStr
+
+from secured_endpoint import api, credentials, kube, metrics, schedule, tokens
+from secured_endpoint.policy import FailureKind
+from secured_endpoint.targets.base import IssuedToken
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    token: IssuedToken
+    refresh_at: datetime  # when the next one is due
+    source_versions: dict[str, str]  # "Secret/name" -> resourceVersion the token was made from
+    refresh_token: SecretStr | None  # password grant: kept in memory only (docs/contract.md §5)
+
+
+@dataclass(frozen=True)
+class FetchFailed:
+    kind: FailureKind
+    reason: api.Reason
+    message: str
+    permanent: bool = False
+    retry_after_seconds: float | None = None
+
+
+@dataclass
+class Refresher:
+    client: kube.KubeClient
+    token_client: tokens.TokenClient
+    clock: Callable[[], datetime]
+    rng: random.Random  # the refresh time's jitter
+
+    async def fetch(self, namespace: str, name: str, spec: api.SecuredEndpointSpec, *,
+                    refresh_token: SecretStr | None) -> Fetched | FetchFailed:
+        # the lifetime counts from before the request: the server's clock started it somewhere in between
+        issued_at = self.clock()
+        started = time.monotonic()
+        try:
+            loaded = await credentials.load(self.client, namespace, spec, refresh_token=refresh_token)
+            response = await self.token_client.fetch(loaded.request)
+        except credentials.CredentialsError as exc:
+            return FetchFailed(FailureKind.CREDENTIALS, exc.reason, exc.message)
+        except tokens.TokenError as exc:
+            metrics.TOKEN_REQUESTS.labels(result=str(exc.reason)).inc()
+            return FetchFailed(FailureKind.TOKEN, exc.reason, str(exc), permanent=exc.permanent,
+                               retry_after_seconds=exc.retry_after_seconds)
+        except kube.KubeError as exc:
+            return FetchFailed(FailureKind.KUBE, api.Reason.CREDENTIALS_NOT_FOUND,
+                               f"cannot read the referenced Secrets: {exc}")
+        except Exception as exc:
+            # a library raised what the token client does not classify (a bug to fix, not a reason to leave the
+            # status silent); its text may quote input, so only its type is shown
+            logger.error("Unexpected %s while fetching the token of %s/%s.", type(exc).__name__, namespace, name)
+            return FetchFailed(FailureKind.UNEXPECTED, api.Reason.TOKEN_REQUEST_FAILED,
+                               f"unexpected {type(exc).__name__} while requesting the token")
+        finally:
+            metrics.TOKEN_REQUEST_SECONDS.observe(time.monotonic() - started)
+        metrics.TOKEN_REQUESTS.labels(result="issued").inc()
+        access_token = response.access_token.get_secret_value()
+        expires_at, _source = schedule.token_expiry(
+            issued_at=issued_at, expires_in=response.expires_in, jwt_exp=tokens.jwt_expiry(access_token),
+            default_expires_in=spec.refresh.default_expires_in_seconds)
+        token = IssuedToken(access_token=response.access_token, token_type=response.token_type,
+                            scope=response.scope or (" ".join(spec.scopes) or None), issued_at=issued_at,
+                            expires_at=expires_at, fingerprint=tokens.fingerprint(access_token))
+        refresh_at = schedule.refresh_time(
+            issued_at=issued_at, expires_at=expires_at, refresh_before_seconds=spec.refresh.refresh_before_seconds,
+            refresh_before_percent=spec.refresh.refresh_before_percent, rng=self.rng)
+        return Fetched(token=token, refresh_at=refresh_at, source_versions=loaded.source_versions,
+                       refresh_token=response.refresh_token)
+
