@@ -179,7 +179,8 @@ async def test_previous_token_stays_readable_until_its_own_expiry(target: RedisT
     assert abs(await admin.pttl(previous) - (first.expires_at - datetime.now(UTC)).total_seconds() * 1000) < 1000
     assert abs(await admin.pttl(key) - (second.expires_at - datetime.now(UTC)).total_seconds() * 1000) < 1000
 
-    await target.write(OWNER, REDIS_SPEC, key_of(target), second)  # a rewrite of the same token (after a restart): previous untouched
+    # a rewrite of the same token (after a restart): previous untouched
+    await target.write(OWNER, REDIS_SPEC, key_of(target), second)
     assert (await admin.hgetall(previous))["fingerprint"] == first.fingerprint
 
     await target.write(OWNER, REDIS_SPEC, key_of(target), third)
@@ -438,7 +439,8 @@ async def test_watch_availability_calls_on_restored_after_an_outage(server: Redi
 
     async def on_restored() -> None:
         restored.append(time.monotonic())
-        await target.write(OWNER, REDIS_SPEC, key_of(target), pending)  # what the operator does: rewrite every current token
+        # what the operator does: rewrite every current token
+        await target.write(OWNER, REDIS_SPEC, key_of(target), pending)
 
     pending = token()
     watcher = asyncio.create_task(target.watch_availability(on_restored))

@@ -26,8 +26,8 @@ Redis Sentinel names (``master_for``; failover is followed on reconnect). Connec
 quick retries with jittered backoff on connection errors and timeouts, a health check on idle connections,
 and an overall deadline on each operation, so nothing here waits forever. Sentinels are contacted with the
 same timeouts and TLS settings, and with their own credentials (``SEP_REDIS_SENTINEL_USERNAME``,
-``SEP_REDIS_SENTINEL_PASSWORD(_FILE)``; docs/contract.md §3), not the server's. TLS always verifies the server certificate and its host name; the CA and client files are read
-when the first connection is made.
+``SEP_REDIS_SENTINEL_PASSWORD(_FILE)``; docs/contract.md §3), not the server's. TLS always verifies the
+server certificate and its host name; the CA and client files are read when the first connection is made.
 
 Outages: the operator does not depend on Redis to run. :meth:`RedisTarget.watch_availability` probes every
 second, logs each transition once and calls back when Redis returns, so the caller rewrites every current
