@@ -463,14 +463,17 @@ class MetadataWatch:
                 error = exc
                 if exc.status == 410:  # a continue token expired while paging: start the LIST over
                     self.resource_version = None
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # unreachable, broken stream, silent past the read timeout
                 error = KubeError(0, "Unreachable", f"watch connection lost: {type(exc).__name__}")
             except ValueError:
                 error = KubeError(0, "BadResponse", "the apiserver sent a line that is not a JSON object")
             self.failures += 1
             self.sink.failed(error)
             delay = schedule.jittered_backoff(self.backoff, failures=self.failures, rng=self._rng)
-            logger.warning("Watching %s failed (%s); retrying in %.1f s.", self, error, delay)
+            # the first failure and every tenth after it: a lasting one (403) stays visible, not a flood
+            level = logging.WARNING if self.failures % 10 == 1 else logging.DEBUG
+            logger.log(level, "Watching %s failed (%s; %d in a row); retrying in %.1f s.", self, error,
+                       self.failures, delay)
             await asyncio.sleep(delay)
 
     async def _list(self) -> None:
