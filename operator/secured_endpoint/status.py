@@ -15,15 +15,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from secured_endpoint import api
+from secured_endpoint_gateway import wire
 
 
 def timestamp(moment: datetime) -> str:
-    """RFC 3339 UTC, second precision (what ``kubectl`` prints and the CRD's date-time expects)."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 UTC, second precision (what ``kubectl`` prints, the CRD's date-time expects and the token
+    Secret's ``expires_at`` holds)."""
+    return wire.format_expires_at(moment)
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -31,10 +33,9 @@ def parse_timestamp(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return wire.parse_expires_at(value)
     except ValueError:
         return None
-    return moment.astimezone(UTC) if moment.tzinfo is not None else None
 
 
 @dataclass(frozen=True)

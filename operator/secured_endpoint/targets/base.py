@@ -15,7 +15,7 @@ from typing import Protocol
 
 from pydantic import SecretStr
 
-from secured_endpoint import api, status
+from secured_endpoint import api
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,6 @@ class IssuedToken:
 
     def valid_at(self, moment: datetime) -> bool:
         return self.expires_at > moment
-
-    @property
-    def expires_at_text(self) -> str:
-        return status.timestamp(self.expires_at)
 
 
 class TargetError(Exception):
