@@ -90,6 +90,7 @@ class Controller:
     def forget(self, key: Key) -> None:
         self.scheduler.cancel(key)
         self.registry.forget(key)
+        metrics.forget_endpoint(*key)
         metrics.ENDPOINTS.set(len(self.registry))
 
     def source_changed(self, namespace: str, ref: api.SourceRef) -> None:

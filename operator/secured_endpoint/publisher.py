@@ -1,5 +1,6 @@
 """Telling the world what happened to an endpoint, in one place: the status patch, the Event on a transition
-of ``Ready``, the log line and the metric of a failure.
+of ``Ready``, the log line of a failure and the endpoint's metrics (expiry, next refresh, conditions), which
+follow every status the operator writes.
 
 A status write sends only the difference between what the apiserver holds and what should be there (a JSON
 merge patch); nothing is sent when nothing a reader cares about changed. Events are posted only when the
@@ -10,10 +11,11 @@ describe``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from secured_endpoint import api, kube, metrics, status
 from secured_endpoint.intake import Endpoint
+from secured_endpoint.metrics import OperatorMetrics
 from secured_endpoint.status import EndpointStatus
 
 logger = logging.getLogger(__name__)
@@ -23,14 +25,14 @@ logger = logging.getLogger(__name__)
 class StatusPublisher:
     client: kube.KubeClient
     component: str  # the Events' reporting component
+    metrics: OperatorMetrics = field(default_factory=lambda: metrics.default)
 
     async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> bool:
         """Make the status ``wanted``; False if the apiserver refused (the caller tries again later).
-        A ``Ready=False`` status (but ``Suspended``) is a failure report: logged and counted each time, not only
-        on transitions."""
+        A ``Ready=False`` status (but ``Suspended``) is a failure report: logged each time, not only on
+        transitions. The endpoint's metrics follow whatever the apiserver now holds."""
         ready = wanted.ready
         if ready is not None and ready.status != "True" and ready.reason != api.Reason.SUSPENDED:
-            metrics.REFRESH_FAILURES.labels(reason=ready.reason).inc()
             logger.warning("%s/%s is not ready (%s): %s", endpoint.namespace, endpoint.name, ready.reason,
                            ready.message)
         before = endpoint.recorded
@@ -38,6 +40,7 @@ class StatusPublisher:
         patch = status.merge_patch(endpoint.stored, wanted_json)
         if not patch:
             endpoint.recorded = wanted
+            self.metrics.observe_status(endpoint.namespace, endpoint.name, wanted)
             return True
         try:
             await self.client.patch_endpoint_status(endpoint.namespace, endpoint.name, patch)
@@ -47,6 +50,7 @@ class StatusPublisher:
             logger.warning("Could not write the status of %s/%s: %s", endpoint.namespace, endpoint.name, exc)
             return False
         endpoint.recorded, endpoint.stored = wanted, wanted_json
+        self.metrics.observe_status(endpoint.namespace, endpoint.name, wanted)
         await self._announce(endpoint, before.ready, wanted.ready)
         return True
 

@@ -342,6 +342,8 @@ class Scheduler(Generic[K]):
     - A job's exception is logged (key and exception type and message only, never a traceback at ERROR level,
       since messages are all we control for secret content) and does not affect other jobs.
     - :meth:`cancel` does not interrupt a running job; it only removes what is still to come.
+    - ``on_lag``, if given, is called with how late (seconds, start time minus due time) each run starts, a
+      coalesced rerun included: the queue lag a metric can show (the scheduler itself knows no metrics).
     """
 
     __slots__ = (
@@ -353,6 +355,7 @@ class Scheduler(Generic[K]):
         "_max_sleep",
         "_name",
         "_next_wake",
+        "_on_lag",
         "_progress",
         "_reruns",
         "_run",
@@ -371,6 +374,7 @@ class Scheduler(Generic[K]):
         clock: Callable[[], float] = time.time,
         name: str = "refresh",
         max_sleep: float = MAX_SLEEP_SECONDS,
+        on_lag: Callable[[float], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -381,6 +385,7 @@ class Scheduler(Generic[K]):
         self._clock = clock
         self._name = name
         self._max_sleep = max_sleep
+        self._on_lag = on_lag
         # Heap entries are (due_time, sequence, key): the unique sequence breaks ties first-come-first-served
         # and means keys are never compared (they need only be hashable). An entry is live only while it is
         # the very object in `_entries[key]`; everything else in the heap is stale and skipped.
@@ -578,6 +583,7 @@ class Scheduler(Generic[K]):
                 self._reruns[key] = when  # coalesced: one rerun however often it comes due meanwhile
                 continue
             self._running.add(key)
+            self._report_lag(now - when)
             task = asyncio.create_task(self._run_key(key), name=f"{self._name}:{key!r}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -590,7 +596,7 @@ class Scheduler(Generic[K]):
                 if self._stopping or key not in self._reruns:
                     return
                 # Rerun in the same task and slot: "right after", and ahead of keys still waiting for a slot.
-                del self._reruns[key]
+                self._report_lag(self._clock() - self._reruns.pop(key))
         except asyncio.CancelledError:
             cancelled = True
             raise
@@ -604,6 +610,14 @@ class Scheduler(Generic[K]):
             if self._next_wake == -math.inf:  # the loop is waiting for a free slot
                 self._wakeup.set()
             self._progress.set()
+
+    def _report_lag(self, seconds: float) -> None:
+        if self._on_lag is None:
+            return
+        try:
+            self._on_lag(seconds)
+        except Exception as error:  # a broken metric must not stop the refreshes
+            logger.error("%s scheduler: the lag callback failed: %s: %s", self._name, type(error).__name__, error)
 
     async def _run_once(self, key: K) -> None:
         try:
