@@ -114,6 +114,23 @@ class _EndpointCollector(Collector):
         yield from (expiry, refresh, condition, reason)
 
 
+class _OptionalGauge(Collector):
+    """A gauge without labels that has no sample until it is set (its HELP and TYPE are always there)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name, self._documentation = name, documentation
+        self.value: float | None = None
+
+    def set(self, value: float | None) -> None:
+        self.value = value
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self._name, self._documentation, value=self.value)]
+
+
 class OperatorMetrics:
     """Every metric of the operator, registered in ``registry`` (a fresh one unless given)."""
 
@@ -139,8 +156,11 @@ class OperatorMetrics:
                                            "target, by target kind", ["target"], registry=r)
         self.queue_lag = Histogram(f"{PREFIX}_scheduler_queue_lag_seconds", "How late due refresh jobs start "
                                    "(start time minus due time)", buckets=_LAG_BUCKETS, registry=r)
-        self.redis_up = Gauge(f"{PREFIX}_redis_up", "1 while the Redis target answers, 0 while it does not",
-                              registry=r)
+        # no sample at all until Redis is known to be configured: 0 would read "Redis down" in every operator
+        # without Redis
+        self.redis_up = _OptionalGauge(f"{PREFIX}_redis_up", "1 while the Redis target answers, 0 while it does not "
+                                       "(absent without Redis)")
+        r.register(self.redis_up)
         self.leader = Gauge(f"{PREFIX}_leader", "1 while this replica is the leader (the one that refreshes)",
                             registry=r)
         # Without leader election a replica acts alone: it leads. The election code sets it as it campaigns.
@@ -185,7 +205,7 @@ class OperatorMetrics:
         self.queue_lag.observe(max(seconds, 0.0))
 
     def set_redis_up(self, up: bool) -> None:
-        self.redis_up.set(1 if up else 0)
+        self.redis_up.set(1.0 if up else 0.0)
 
     def set_leader(self, leading: bool) -> None:
         self.leader.set(1 if leading else 0)

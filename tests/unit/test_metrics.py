@@ -159,8 +159,12 @@ def test_operator_wide_metrics() -> None:
     assert "/t" not in text
 
 
-def test_leader_defaults_to_one_without_election() -> None:
-    assert value(fresh(), "secured_endpoint_leader") == 1
+def test_leader_defaults_to_one_without_election_and_redis_up_to_nothing() -> None:
+    m = fresh()
+    assert value(m, "secured_endpoint_leader") == 1
+    assert value(m, "secured_endpoint_redis_up") is None  # no Redis configured: no sample, not 0
+    m.set_redis_up(True)
+    assert value(m, "secured_endpoint_redis_up") == 1
 
 
 def _free_port() -> int:
