@@ -34,9 +34,11 @@ mutated), so a copy of the dict is a consistent view.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from threading import Thread
 from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIServer
@@ -176,8 +178,7 @@ class OperatorMetrics:
             conditions.append((api.CONDITION_READY, "Unknown", ""))
         conditions.sort(key=lambda c: (c[0] != api.CONDITION_READY, c[0]))
         self._records[(namespace, name)] = _EndpointRecord(
-            expires_at=status.expires_at.timestamp() if status.expires_at is not None else None,
-            next_refresh=status.next_refresh_time.timestamp() if status.next_refresh_time is not None else None,
+            expires_at=_seconds(status.expires_at), next_refresh=_seconds(status.next_refresh_time),
             conditions=tuple(conditions))
 
     def forget_endpoint(self, namespace: str, name: str) -> None:
@@ -219,6 +220,11 @@ class OperatorMetrics:
         bind = address or os.environ.get("SEP_METRICS_ADDRESS") or "0.0.0.0"  # noqa: S104 - see above
         server, thread = start_http_server(port, addr=bind, registry=self.registry)
         return server, thread
+
+
+def _seconds(moment: datetime | None) -> float | None:
+    """Whole seconds, as the status has them (``status.timestamp``): the series and the status agree."""
+    return float(math.floor(moment.timestamp())) if moment is not None else None
 
 
 def token_url_host(token_url: str) -> str:

@@ -27,7 +27,7 @@ from secured_endpoint import api, metrics
 from secured_endpoint.status import Condition, EndpointStatus
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-EXPIRES = datetime(2026, 5, 1, 13, 0, tzinfo=UTC)
+EXPIRES = datetime(2026, 5, 1, 13, 0, tzinfo=UTC)  # the series has whole seconds, as the status
 REFRESH = datetime(2026, 5, 1, 12, 40, tzinfo=UTC)
 
 
@@ -44,7 +44,7 @@ def samples(m: metrics.OperatorMetrics, name: str) -> list[tuple[dict[str, str],
 
 
 def ready_status(*, ready: bool, reason: api.Reason, extra: tuple[Condition, ...] = ()) -> EndpointStatus:
-    status = EndpointStatus(expires_at=EXPIRES, next_refresh_time=REFRESH)
+    status = EndpointStatus(expires_at=EXPIRES.replace(microsecond=750_000), next_refresh_time=REFRESH)
     status = status.with_ready(ready=ready, reason=reason, message="m", generation=3, now=NOW)
     return dataclasses.replace(status, conditions=(*status.conditions, *extra))
 
