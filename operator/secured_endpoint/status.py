@@ -156,6 +156,57 @@ class EndpointStatus:
         return dataclasses.replace(self, observed_generation=generation, conditions=(entry, *others))
 
 
+# kstatus' "abnormal-true" conditions (sigs.k8s.io/cli-utils/pkg/kstatus), which Flux and other GitOps tools read
+# beside Ready: present and True only while they apply, removed otherwise.
+CONDITION_RECONCILING = "Reconciling"
+CONDITION_STALLED = "Stalled"
+RETRYING = "Retrying"  # the Reconciling reason while a timed retry is planned
+
+
+def with_condition(current: EndpointStatus, *, type: str, status: str, reason: str, message: str,
+                   generation: int, now: datetime) -> EndpointStatus:
+    """``current`` with condition ``type`` set for ``generation``; ``lastTransitionTime`` moves only when
+    ``status`` flips. Other conditions keep their place; a new one goes last."""
+    old = next((c for c in current.conditions if c.type == type), None)
+    transition = old.last_transition_time if old is not None and old.status == status \
+        and old.last_transition_time else timestamp(now)
+    entry = Condition(type=type, status=status, reason=reason, message=message, observed_generation=generation,
+                      last_transition_time=transition)
+    if old is None:
+        return dataclasses.replace(current, conditions=(*current.conditions, entry))
+    return dataclasses.replace(current, conditions=tuple(entry if c.type == type else c for c in current.conditions))
+
+
+def without_condition(current: EndpointStatus, type: str) -> EndpointStatus:
+    return dataclasses.replace(current, conditions=tuple(c for c in current.conditions if c.type != type))
+
+
+def with_health(current: EndpointStatus, *, ready: bool, reason: str, message: str, generation: int,
+                now: datetime, needs_change: bool = False, retry_at: datetime | None = None) -> EndpointStatus:
+    """``Ready`` plus kstatus' ``Reconciling``/``Stalled`` for ``generation``, so that every GitOps tool reads
+    the same verdict (docs/contract.md §1.4):
+
+    - Ready True: neither is present (the endpoint is current);
+    - ``Suspended``: neither (nothing is in progress, nothing failed: the user asked for the pause);
+    - a failure only a change can mend (``needs_change``: a missing or unusable Secret, refused credentials,
+      an invalid spec, a permanent OAuth error): ``Stalled=True`` with the Ready reason;
+    - any other failure, retried by itself at ``retry_at``: ``Reconciling=True``, reason ``Retrying``.
+    """
+    status = dataclasses.replace(current, observed_generation=generation)
+    status = with_condition(status, type=api.CONDITION_READY, status="True" if ready else "False", reason=reason,
+                            message=message, generation=generation, now=now)
+    if ready or reason == api.Reason.SUSPENDED:
+        return without_condition(without_condition(status, CONDITION_RECONCILING), CONDITION_STALLED)
+    if needs_change:
+        status = with_condition(status, type=CONDITION_STALLED, status="True", reason=reason, message=message,
+                                generation=generation, now=now)
+        return without_condition(status, CONDITION_RECONCILING)
+    retry = f"retrying at {timestamp(retry_at)}" if retry_at is not None else "retrying"
+    status = with_condition(status, type=CONDITION_RECONCILING, status="True", reason=RETRYING,
+                            message=f"{retry} after {reason}", generation=generation, now=now)
+    return without_condition(status, CONDITION_STALLED)
+
+
 def still_usable(expires_at: datetime | None, now: datetime) -> str:
     """The sentence that tells a reader of a failure whether gateways still hold a working token."""
     if expires_at is None or expires_at <= now:
