@@ -25,9 +25,10 @@ token Secrets, which carry it in the ``TOKEN_FINGERPRINT_ANNOTATION``. No body, 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from secured_endpoint import api, kube, schedule
@@ -53,7 +54,9 @@ class MetadataCache:
 
     ``namespaces`` None watches cluster-wide (one watch per kind); otherwise one watch per kind in each named
     namespace (exact names). ``label_selector`` (``key=value[,…]``) goes to the apiserver with every LIST and
-    WATCH. ``on_change(kind, namespace, name, deleted, fingerprint)``:
+    WATCH. With ``namespaces_to_come`` the namespaces are added later (:meth:`add_namespace`, by a
+    :class:`NamespaceScope` that matches patterns) and ``synced`` waits for :meth:`scope_complete`.
+    ``on_change(kind, namespace, name, deleted, fingerprint)``:
 
     - ``kind`` is ``"Secret"`` or ``"ConfigMap"``;
     - ``deleted`` is True when the object is gone (a DELETED event, a relist that no longer lists it, or an
@@ -70,22 +73,84 @@ class MetadataCache:
                  label_selector: str = "", on_change: ChangeCallback | None = None,
                  kinds: Sequence[str] = (SECRET, CONFIGMAP), page_size: int = kube.LIST_PAGE_SIZE,
                  watch_timeout_seconds: float = kube.WATCH_TIMEOUT_SECONDS,
-                 backoff: schedule.Backoff = kube.WATCH_BACKOFF) -> None:
+                 backoff: schedule.Backoff = kube.WATCH_BACKOFF, namespaces_to_come: bool = False) -> None:
         unknown = set(kinds) - set(RESOURCES)
         if unknown:
             raise ValueError(f"cannot watch {sorted(unknown)}: only {sorted(RESOURCES)}")
         self.on_change = on_change
         self.synced = asyncio.Event()
+        self._client = client
+        self._kinds = tuple(kinds)
+        self._watch_options: dict[str, Any] = {"label_selector": label_selector, "page_size": page_size,
+                                               "timeout_seconds": watch_timeout_seconds, "backoff": backoff}
         self._versions: dict[str, _Store] = {kind: {} for kind in kinds}
         self._fingerprints: _Store = {}
-        scopes: list[str | None] = [None] if namespaces is None else list(dict.fromkeys(namespaces))
-        self._sinks = [_WatchSink(self, kind, namespace) for kind in kinds for namespace in scopes]
-        self.watches = tuple(
-            kube.MetadataWatch(client, RESOURCES[sink.kind], sink, namespace=sink.namespace,
-                               label_selector=label_selector, page_size=page_size,
-                               timeout_seconds=watch_timeout_seconds, backoff=backoff)
-            for sink in self._sinks)
-        self._tasks: list[asyncio.Task[None]] = []
+        # (kind, namespace or None for all) -> its watch and what it reports to, in the order added
+        self._scoped: dict[tuple[str, str | None], tuple[kube.MetadataWatch, _WatchSink]] = {}
+        self._tasks: dict[tuple[str, str | None], asyncio.Task[None]] = {}
+        self._running = False
+        # a scope of namespace patterns is complete only once the namespaces are listed (see NamespaceScope)
+        self._scope_known = not namespaces_to_come
+        self._waiters: list[tuple[str, asyncio.Future[None]]] = []  # wait_synced() calls
+        scopes: list[str | None] = [] if namespaces_to_come else [None] if namespaces is None \
+            else list(dict.fromkeys(namespaces))
+        for namespace in scopes:
+            self._add_scope(namespace)
+
+    @property
+    def watches(self) -> tuple[kube.MetadataWatch, ...]:
+        return tuple(watch for watch, _ in self._scoped.values())
+
+    def _add_scope(self, namespace: str | None) -> None:
+        for kind in self._kinds:
+            if (kind, namespace) in self._scoped:
+                continue
+            sink = _WatchSink(self, kind, namespace)
+            watch = kube.MetadataWatch(self._client, RESOURCES[kind], sink, namespace=namespace,
+                                       **self._watch_options)
+            self._scoped[(kind, namespace)] = (watch, sink)
+            if self._running:
+                self._start_watch(kind, namespace)
+
+    def add_namespace(self, namespace: str) -> None:
+        """Watch ``namespace`` too (a namespace that matches the patterns appeared)."""
+        self._add_scope(sys.intern(namespace))
+        self._watch_synced()  # waiters for it learn that it is now covered, not yet listed
+
+    def remove_namespace(self, namespace: str) -> None:
+        """Stop watching ``namespace`` (deleted, or it no longer matches) and forget what it held."""
+        for kind in self._kinds:
+            self._scoped.pop((kind, namespace), None)
+            task = self._tasks.pop((kind, namespace), None)
+            if task is not None:
+                task.cancel()
+            _replace(self._versions[kind], namespace, None)
+        _replace(self._fingerprints, namespace, None)
+
+    def scope_complete(self) -> None:
+        """Every namespace of a pattern scope has been added: the barrier may now fall."""
+        self._scope_known = True
+        self._watch_synced()
+
+    def synced_in(self, namespace: str) -> bool:
+        """Has every watch that covers ``namespace`` completed its first LIST (or been refused)?"""
+        sinks = self._covering(namespace)
+        return bool(sinks) and all(sink.counted for sink in sinks)
+
+    def watching(self, namespace: str, kind: str) -> bool:
+        """Does the cache hold ``kind`` in ``namespace`` as the apiserver has it (listed, not refused)?"""
+        return any(sink.listed for sink in self._covering(namespace) if sink.kind == kind)
+
+    async def wait_synced(self, namespace: str) -> None:
+        """Return once :meth:`synced_in` is true for ``namespace``: an endpoint there may be planned."""
+        if self.synced_in(namespace):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((namespace, waiter))
+        await waiter
+
+    def _covering(self, namespace: str) -> list[_WatchSink]:
+        return [sink for (_, scope), (_, sink) in self._scoped.items() if scope is None or scope == namespace]
 
     # -- what the controller reads ------------------------------------------------------------------
 
@@ -104,21 +169,27 @@ class MetadataCache:
 
     def problems(self) -> dict[str, str]:
         """The watches failing right now (``"secrets in namespace a"`` → the last error), for logs and health."""
-        return {str(watch): str(sink.error) for watch, sink in zip(self.watches, self._sinks, strict=True)
-                if sink.error is not None}
+        return {str(watch): str(sink.error) for watch, sink in self._scoped.values() if sink.error is not None}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._tasks:
+        if self._running:
             return
-        self._tasks = [asyncio.create_task(watch.run(), name=f"watch {watch}") for watch in self.watches]
-        for task in self._tasks:
-            task.add_done_callback(_report_exit)
+        self._running = True
+        for kind, namespace in self._scoped:
+            self._start_watch(kind, namespace)
+
+    def _start_watch(self, kind: str, namespace: str | None) -> None:
+        watch, _ = self._scoped[(kind, namespace)]
+        task = asyncio.create_task(watch.run(), name=f"watch {watch}")
+        task.add_done_callback(_report_exit)
+        self._tasks[(kind, namespace)] = task
 
     async def stop(self) -> None:
         """Cancel every watch and wait until each has closed its stream."""
-        tasks, self._tasks = self._tasks, []
+        self._running = False
+        tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -129,10 +200,19 @@ class MetadataCache:
         return self._versions[kind]
 
     def _watch_synced(self) -> None:
-        if all(sink.counted for sink in self._sinks) and not self.synced.is_set():
+        if self._scope_known and all(sink.counted for _, sink in self._scoped.values()) \
+                and not self.synced.is_set():
             logger.info("Secrets and ConfigMaps in scope listed: %s.",
                         ", ".join(f"{self.count(kind)} {RESOURCES[kind]}" for kind in self._versions))
             self.synced.set()
+        waiting, self._waiters = self._waiters, []
+        for namespace, waiter in waiting:
+            if waiter.done():
+                continue
+            if self.synced_in(namespace):
+                waiter.set_result(None)
+            else:
+                self._waiters.append((namespace, waiter))
 
     def _report(self, kind: str, namespace: str, name: str, deleted: bool, fingerprint: str | None) -> None:
         if self.on_change is None:
@@ -153,7 +233,7 @@ class _WatchSink:
         self.namespace = None if namespace is None else sys.intern(namespace)
         self.counted = False  # its first LIST is done, or it was refused (403): it holds no barrier
         self.error: kube.KubeError | None = None
-        self._listed = False  # a LIST of it completed: the cache holds its objects
+        self.listed = False  # a LIST of it completed: the cache holds its objects
         self._reporting = False
         self._pending: _Store = {}
         self._pending_fingerprints: _Store = {}
@@ -198,7 +278,7 @@ class _WatchSink:
                 _replace(self.cache._fingerprints, self.namespace, self._pending_fingerprints.get(self.namespace))
         changed, self._changed = self._changed, []
         self._pending, self._pending_fingerprints = {}, {}
-        self._listed, self.error = True, None
+        self.listed, self.error = True, None
         if not self.counted:
             self.counted = True
             self.cache._watch_synced()
@@ -277,3 +357,171 @@ def _discard(store: _Store, namespace: str, name: str) -> None:
 def _report_exit(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("%s stopped: %s", task.get_name(), type(task.exception()).__name__)
+
+
+def namespace_matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether kopf serves namespace ``name`` for ``--namespace`` ``patterns`` (any of them), by kopf's rules,
+    so that the Secrets watched are those of the namespaces whose endpoints kopf delivers.
+
+    A pattern is comma-separated globs. Its first glob decides the initial match (a leading ``!glob`` implies
+    a ``*`` before it); then, left to right, ``!glob`` un-matches, and a later inclusive glob re-matches only a
+    name the first glob matched.
+    """
+    return any(_matches_pattern(name, pattern) for pattern in patterns)
+
+
+def _matches_pattern(name: str, pattern: str) -> bool:
+    globs = [glob.strip() for glob in pattern.split(",")]
+    if not globs or globs[0].startswith("!"):
+        globs = ["*", *globs]
+    initial = fnmatch.fnmatch(name, globs[0])
+    matched = initial
+    for glob in globs[1:]:
+        if glob.startswith("!"):
+            matched = matched and not fnmatch.fnmatch(name, glob.lstrip("!"))
+        elif initial and fnmatch.fnmatch(name, glob):
+            matched = True
+    return matched
+
+
+class NamespaceScope:
+    """The namespaces that match ``patterns``, from a metadata-only watch of namespaces, added to and removed
+    from ``cache`` as they come and go; the cache's barrier falls once the first LIST is through."""
+
+    def __init__(self, client: kube.KubeClient, cache: MetadataCache, patterns: Sequence[str], *,
+                 backoff: schedule.Backoff = kube.WATCH_BACKOFF) -> None:
+        self.cache = cache
+        self.patterns = tuple(patterns)
+        self.current: set[str] = set()
+        self.watch = kube.MetadataWatch(client, "namespaces", self, backoff=backoff)
+        self._pending: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._complete = False
+        self._refused_logged = False
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.watch.run(), name=f"watch {self.watch}")
+            self._task.add_done_callback(_report_exit)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # -- the watch's sink --------------------------------------------------------------------------
+
+    def list_started(self) -> None:
+        self._pending = set()
+
+    def list_page(self, items: list[kube.JSON]) -> None:
+        for item in items:
+            name = (item.get("metadata") or {}).get("name")
+            if isinstance(name, str) and namespace_matches(name, self.patterns):
+                self._pending.add(name)
+
+    def list_done(self, resource_version: str) -> None:
+        for name in self.current - self._pending:
+            self.cache.remove_namespace(name)
+        for name in sorted(self._pending - self.current):
+            logger.info("Serving namespace %s.", name)
+            self.cache.add_namespace(name)
+        self.current, self._pending = self._pending, set()
+        if not self._complete:
+            self._complete = True
+            self.cache.scope_complete()
+
+    def watch_event(self, event_type: str, obj: kube.JSON) -> None:
+        name = (obj.get("metadata") or {}).get("name")
+        if not isinstance(name, str) or not namespace_matches(name, self.patterns):
+            return
+        if event_type == "DELETED":
+            if name in self.current:
+                self.current.discard(name)
+                self.cache.remove_namespace(name)
+        elif name not in self.current:
+            logger.info("Serving namespace %s.", name)
+            self.current.add(name)
+            self.cache.add_namespace(name)
+
+    def failed(self, error: kube.KubeError) -> None:
+        if error.status == 403 and not self._refused_logged:
+            self._refused_logged = True
+            logger.error("Not allowed to list namespaces: namespace patterns %s need list and watch on namespaces "
+                         "(manifests/rbac-namespace-patterns.yaml); retrying.", ",".join(self.patterns))
+
+
+class SourceView:
+    """The controller's view of the sources (:class:`secured_endpoint.controller.SourceIndex`) over the cache.
+
+    A referenced Secret or ConfigMap that the cache cannot see although it exists — it lacks the labels of
+    ``SEP_SOURCE_LABEL_SELECTOR``, or its namespace's watch is refused — would look "changed since the token
+    was issued" after every status write, and the controller would fetch again and again. For such a source the
+    view answers with the version the endpoint's status recorded (its last GET of it), and says once in the log
+    that its rotation is only noticed at the next refresh.
+    """
+
+    def __init__(self, cache: MetadataCache, *, source_labels: Mapping[str, str] | None = None) -> None:
+        self.cache = cache
+        self._labels = dict(source_labels or {})
+        self._unwatched: dict[tuple[str, api.SourceRef], str] = {}  # version last recorded
+        self._warned: set[tuple[str, api.SourceRef]] = set()
+
+    def _blind(self, namespace: str, ref: api.SourceRef) -> bool:
+        return bool(self._labels) or not self.cache.watching(namespace, ref.kind)
+
+    def source_version(self, namespace: str, ref: api.SourceRef) -> str | None:
+        version = self.cache.source_version(namespace, ref.kind, ref.name)
+        if version is None and self._blind(namespace, ref):
+            return self._unwatched.get((namespace, ref))
+        return version
+
+    def target_fingerprint(self, namespace: str, secret_name: str) -> str | None:
+        return self.cache.target_fingerprint(namespace, secret_name)
+
+    def unwatched_hint(self, namespace: str, refs: Iterable[api.SourceRef]) -> str | None:
+        """Label mode: a status hint naming the referenced sources this operator cannot see change (None: all
+        are watched). Only meaningful right after they were read, i.e. while they exist."""
+        if not self._labels:
+            return None
+        unseen = sorted(str(ref) for ref in refs if self.cache.source_version(namespace, ref.kind, ref.name) is None)
+        if not unseen:
+            return None
+        labels = ",".join(f"{key}={value}" for key, value in self._labels.items())
+        return (f"{', '.join(unseen)} not labelled {labels}: a change to {'them' if len(unseen) > 1 else 'it'} "
+                "is picked up at the next refresh, not at once")
+
+    def learn(self, body: Mapping[str, Any]) -> None:
+        """Note the source versions an endpoint's status recorded for sources the cache cannot see."""
+        meta = body.get("metadata") or {}
+        namespace, name = meta.get("namespace"), meta.get("name")
+        recorded = (body.get("status") or {}).get("sourceVersions") or {}
+        if not isinstance(namespace, str) or not isinstance(recorded, Mapping):
+            return
+        for text, version in recorded.items():
+            kind, _, source_name = str(text).partition("/")
+            if kind not in RESOURCES or not source_name or not isinstance(version, str):
+                continue
+            ref = api.SourceRef(kind, source_name)
+            if not self._blind(namespace, ref) or self.cache.source_version(namespace, kind, source_name) is not None:
+                self._unwatched.pop((namespace, ref), None)
+                self._warned.discard((namespace, ref))
+                continue
+            self._unwatched[(namespace, ref)] = version
+            if (namespace, ref) not in self._warned:
+                self._warned.add((namespace, ref))
+                self._warn(namespace, ref, name)
+
+    def _warn(self, namespace: str, ref: api.SourceRef, endpoint: object) -> None:
+        if not self._labels:
+            logger.warning("%s in namespace %s (used by SecuredEndpoint %s) cannot be watched (no list/watch "
+                           "permission there): a change to it is only picked up at the next refresh.",
+                           ref, namespace, endpoint)
+            return
+        labels = " ".join(f"{key}={value}" for key, value in self._labels.items())
+        logger.warning(
+            "%s in namespace %s (used by SecuredEndpoint %s) lacks the label %s, so this operator does not "
+            "watch it: a change to it is only picked up at the next refresh. Label it to have a rotation "
+            "noticed at once: kubectl label -n %s %s %s %s",
+            ref, namespace, endpoint, labels, namespace, ref.kind.lower(), ref.name, labels)

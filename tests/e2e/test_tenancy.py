@@ -134,8 +134,12 @@ def _permission_problems(log: str) -> list[str]:
     return [line for line in log.splitlines() if PERMISSION_PROBLEM.search(line)]
 
 
-def _handler_runs(process: OperatorProcess, handler: str) -> int:
-    return process.log_text().count(f"Handler '{handler}' is invoked.")
+def _seen(process: OperatorProcess, kind: str, namespace: str) -> int:
+    """How many changes of Secrets or ConfigMaps in ``namespace`` reached the operator (its debug log)."""
+    return process.log_text().count(f"Seen {kind} {namespace}/")
+
+
+_LISTED = "Secrets and ConfigMaps in scope listed"
 
 
 def _labelled_secret(kube: Kube, namespace: str, name: str, values: dict[str, str]) -> None:
@@ -245,12 +249,11 @@ def test_label_selected_sources(control_plane: ControlPlane, kube: Kube, namespa
     ns = namespaces.new("tenl")
     operator = _operator(control_plane, tmp_path, operator_processes, scope=("--namespace", ns),
                          env={"SEP_SOURCE_LABEL_SELECTOR": SELECTOR})
-    wait_for(lambda: "Starting the watch-stream for secrets.v1" in operator.log_text(),
-             message="the Secret watch to start")
+    wait_for(lambda: _LISTED in operator.log_text(), message="the Secret watch to start")
     assert f"Watching only the Secrets and ConfigMaps labelled {SELECTOR}." in operator.log_text()
 
     # Unlabelled Secrets and ConfigMaps never reach the operator, however often they change.
-    before = _handler_runs(operator, "secret_event"), _handler_runs(operator, "configmap_event")
+    before = _seen(operator, "Secret", ns), _seen(operator, "ConfigMap", ns)
     for round_ in range(3):
         kube.create_secret(ns, f"noise-{round_}", {"data": "x" * 1024})
         kube.update_secret(ns, f"noise-{round_}", {"data": "y" * 1024})
@@ -260,10 +263,10 @@ def test_label_selected_sources(control_plane: ControlPlane, kube: Kube, namespa
     _labelled_secret(kube, ns, "marker", {"data": "m"})  # seen after the noise: the same watch stream
     kube.core.create_namespaced_config_map(ns, k8s.V1ConfigMap(
         metadata=k8s.V1ObjectMeta(name="marker", labels={SELECTOR_KEY: "true"}), data={"ca.crt": "m"}))
-    wait_for(lambda: (_handler_runs(operator, "secret_event"), _handler_runs(operator, "configmap_event"))
+    wait_for(lambda: (_seen(operator, "Secret", ns), _seen(operator, "ConfigMap", ns))
              == (before[0] + 1, before[1] + 1), message="the labelled marker Secret and ConfigMap seen")
     time.sleep(1)
-    assert (_handler_runs(operator, "secret_event"), _handler_runs(operator, "configmap_event")) == \
+    assert (_seen(operator, "Secret", ns), _seen(operator, "ConfigMap", ns)) == \
         (before[0] + 1, before[1] + 1), "only the labelled objects were seen"
 
     # A labelled credential: its token Secret carries the label, its rotation is noticed at once.
@@ -307,8 +310,7 @@ def test_label_selected_sources(control_plane: ControlPlane, kube: Kube, namespa
     operator.stop()
     kube.core.patch_namespaced_secret("labelled-token", ns, {"metadata": {"labels": {SELECTOR_KEY: None}}})
     operator.start()
-    wait_for(lambda: operator.log_text().count("Starting the watch-stream for secrets.v1") == 2,
-             message="the restarted operator's Secret watch")
+    wait_for(lambda: operator.log_text().count(_LISTED) == 2, message="the restarted operator's Secret watch")
     wait_for(lambda: operator.log_text().count(hint) == 2, message="the hint after the restart")
     wait_for(lambda: (kube.core.read_namespaced_secret("labelled-token", ns).metadata.labels or {})
              .get(SELECTOR_KEY) == "true", message="the label back on the token Secret after the restart")
