@@ -81,6 +81,11 @@ class Credentials:
     tls: ssl.SSLContext
     token: str | None = None
     configuration: Any = None  # kept when its token rotates (projected service-account tokens, exec plugins)
+    # the same, as files (what kopf's own API client is given, so both use one loading of the kubeconfig)
+    ca_path: str | None = None
+    cert_path: str | None = None
+    key_path: str | None = None
+    insecure: bool = False
 
 
 def load_credentials(*, kubeconfig: str | None = None, context: str | None = None) -> Credentials:
@@ -103,7 +108,9 @@ def load_credentials(*, kubeconfig: str | None = None, context: str | None = Non
     if configuration.cert_file and configuration.key_file:
         tls.load_cert_chain(configuration.cert_file, configuration.key_file)
     return Credentials(server=configuration.host.rstrip("/"), tls=tls, token=_bearer_of(configuration),
-                       configuration=configuration if configuration.refresh_api_key_hook else None)
+                       configuration=configuration if configuration.refresh_api_key_hook else None,
+                       ca_path=configuration.ssl_ca_cert or None, cert_path=configuration.cert_file or None,
+                       key_path=configuration.key_file or None, insecure=not configuration.verify_ssl)
 
 
 def _bearer_of(configuration: Any) -> str | None:
@@ -315,6 +322,28 @@ class KubeClient:
             if exc.not_found:
                 return None
             raise
+
+    # -- Leases (leader election) -------------------------------------------------------------------
+
+    def lease_path(self, namespace: str, name: str | None = None) -> str:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        return f"{path}/{name}" if name else path
+
+    async def get_lease(self, namespace: str, name: str) -> JSON | None:
+        """The ``coordination.k8s.io/v1`` Lease, or None if there is none."""
+        return await self._get_or_none(self.lease_path(namespace, name))
+
+    async def create_lease(self, namespace: str, body: JSON) -> JSON:
+        """Create a Lease; 409 if it exists already (a rival was first). A POST, so never sent twice once it may
+        have reached the server: after an unclear failure, read the Lease to learn who holds it."""
+        return await self.request("POST", self.lease_path(namespace), json_body=body)
+
+    async def replace_lease(self, namespace: str, name: str, body: JSON) -> JSON:
+        """Replace the whole Lease (PUT), only if it is still at ``body``'s ``metadata.resourceVersion``: 409 if
+        anyone wrote it since. Refused without a resourceVersion, which would overwrite blindly."""
+        if not (body.get("metadata") or {}).get("resourceVersion"):
+            raise ValueError("replace_lease needs metadata.resourceVersion as its precondition")
+        return await self.request("PUT", self.lease_path(namespace, name), json_body=body)
 
 
 def retryable(method: str, *, status: int | None = None, transport_error: Exception | None = None) -> bool:

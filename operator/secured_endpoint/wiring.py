@@ -32,8 +32,15 @@ registry = kopf.OperatorRegistry()
 
 
 @kopf.on.login(registry=registry)
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    return kopf.login_via_client(**kwargs)
+async def login(*, memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials: at start the ones the operator loaded for itself; when kopf asks again (a 401: the
+    service-account token rotated), loaded afresh."""
+    credentials: kube.Credentials | None = memo.pop("credentials", None)
+    if credentials is None:
+        credentials = await asyncio.to_thread(kube.load_credentials, kubeconfig=memo.get("kubeconfig"))
+    return kopf.ConnectionInfo(server=credentials.server, ca_path=credentials.ca_path, insecure=credentials.insecure,
+                               token=credentials.token, certificate_path=credentials.cert_path,
+                               private_key_path=credentials.key_path)
 
 
 @kopf.on.startup(registry=registry)
@@ -48,6 +55,7 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     patterns: tuple[str, ...] = tuple(memo.get("namespaces", ()))
     configure_watches(settings, clusterwide=clusterwide, namespaces=patterns)
     credentials = await asyncio.to_thread(kube.load_credentials, kubeconfig=memo.get("kubeconfig"))
+    memo["credentials"] = credentials  # for kopf's login, which comes after the start-up handlers
     client = kube.KubeClient(credentials, max_in_flight=operator_settings.kube_max_in_flight)
     token_client = tokens.TokenClient(timeout=operator_settings.token_timeout_seconds,
                                       connect_timeout=operator_settings.token_connect_timeout_seconds)
