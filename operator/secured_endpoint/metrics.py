@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from threading import Thread
@@ -122,15 +122,29 @@ class _OptionalGauge(Collector):
     def __init__(self, name: str, documentation: str) -> None:
         self._name, self._documentation = name, documentation
         self.value: float | None = None
+        self._source: Callable[[], bool | None] | None = None
 
     def set(self, value: float | None) -> None:
         self.value = value
+
+    def follow(self, source: Callable[[], bool | None]) -> None:
+        """Read the value from ``source`` at each scrape (None: no sample)."""
+        self._source = source
+
+    def _current(self) -> float | None:
+        if self._source is None:
+            return self.value
+        try:
+            state = self._source()
+        except Exception:  # a scrape must not fail over one gauge
+            return None
+        return None if state is None else float(bool(state))
 
     def describe(self) -> Iterable[Metric]:
         return [GaugeMetricFamily(self._name, self._documentation)]
 
     def collect(self) -> Iterable[Metric]:
-        return [GaugeMetricFamily(self._name, self._documentation, value=self.value)]
+        return [GaugeMetricFamily(self._name, self._documentation, value=self._current())]
 
 
 class OperatorMetrics:
@@ -208,6 +222,10 @@ class OperatorMetrics:
     def set_redis_up(self, up: bool) -> None:
         self.redis_up.set(1.0 if up else 0.0)
 
+    def watch_redis(self, available: Callable[[], bool | None]) -> None:
+        """Report Redis as ``available()`` says at each scrape (e.g. ``lambda: redis_target.available``)."""
+        self.redis_up.follow(available)
+
     def set_leader(self, leading: bool) -> None:
         self.leader.set(1 if leading else 0)
 
@@ -269,6 +287,11 @@ def set_leader(leading: bool) -> None:
 
 def set_redis_up(up: bool) -> None:
     default.set_redis_up(up)
+
+
+def watch_redis(available: Callable[[], bool | None]) -> None:
+    """For the wiring, once the Redis target exists: ``metrics.watch_redis(lambda: redis.available)``."""
+    default.watch_redis(available)
 
 
 def forget_endpoint(namespace: str, name: str) -> None:

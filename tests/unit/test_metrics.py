@@ -8,6 +8,7 @@ Cases:
 - forgetting an endpoint removes every one of its series, and no other endpoint's;
 - token URL hosts: host and explicit port only, lower case, never user info, path or query; IPv6 literals;
 - refreshes, IdP requests, latency histograms, target errors, lag, Redis up and leader have the exported names;
+  Redis up has no sample until known (set, or read from a probe at each scrape);
 - the HTTP endpoint serves the registry it was given (on loopback), in the text format Prometheus parses;
 - the default instance registers the process collectors and exports every metric family the docs name.
 """
@@ -165,6 +166,19 @@ def test_leader_defaults_to_one_without_election_and_redis_up_to_nothing() -> No
     assert value(m, "secured_endpoint_redis_up") is None  # no Redis configured: no sample, not 0
     m.set_redis_up(True)
     assert value(m, "secured_endpoint_redis_up") == 1
+    state: list[bool | None] = [False]
+    m.watch_redis(lambda: state[0])  # read at each scrape
+    assert value(m, "secured_endpoint_redis_up") == 0
+    state[0] = True
+    assert value(m, "secured_endpoint_redis_up") == 1
+    state[0] = None
+    assert value(m, "secured_endpoint_redis_up") is None
+
+    def broken() -> bool:
+        raise RuntimeError("probe broke")
+
+    m.watch_redis(broken)
+    assert value(m, "secured_endpoint_redis_up") is None  # the scrape itself still works
 
 
 def _free_port() -> int:
