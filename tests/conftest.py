@@ -182,13 +182,16 @@ class OperatorProcess:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start the process; with ``wait``, until it says it has started (or exits, failing the test)."""
         environment = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "secured_endpoint.cli", "run", *self.scope, "--verbose"],
             env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
+        if not wait:
+            return
         wait_for(lambda: "secured-endpoint-operator started" in self.log_text() or self.process.poll() is not None,
                  timeout=30, message="the operator to start")
         if self.process.poll() is not None:

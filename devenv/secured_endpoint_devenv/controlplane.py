@@ -470,6 +470,7 @@ class ControlPlane:
         self._progress = progress
         self._workdir: Path | None = None
         self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._apiserver_cmd: list[str] = []
         self._logs: list[IO[bytes]] = []
         self.admin_token = secrets.token_urlsafe(32)
         self.etcd_port = 0
@@ -570,6 +571,27 @@ class ControlPlane:
             self._workdir = None
         atexit.unregister(self.stop)
 
+    def stop_apiserver(self, *, grace: float = 3.0) -> None:
+        """Stop kube-apiserver only (a control-plane upgrade, a crash): SIGTERM, then SIGKILL after ``grace``
+        seconds, since a terminating apiserver waits for its open watches. etcd keeps running."""
+        for index, (name, proc) in enumerate(self._procs):
+            if name == "kube-apiserver":
+                _terminate(name, proc, grace=grace)
+                del self._procs[index]
+                return
+        raise ControlPlaneError("kube-apiserver is not running")
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again, as before (same port, serving certificate, tokens and etcd), and wait
+        until it is ready."""
+        if any(name == "kube-apiserver" for name, _ in self._procs):
+            raise ControlPlaneError("kube-apiserver is already running")
+        with self.apiserver_log_path.open("ab") as log:
+            proc = subprocess.Popen(self._apiserver_cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self._procs.append(("kube-apiserver", proc))
+        self._wait_apiserver(time.monotonic() + self.ready_timeout)
+
     # -- helpers -----------------------------------------------------------------------------
 
     def kubectl(
@@ -654,9 +676,7 @@ class ControlPlane:
         tokens.write_text(f'{self.admin_token},{self.ADMIN_USER},{self.ADMIN_USER},"system:masters"\n')
         tokens.chmod(0o600)
         (work / "certs").mkdir()
-        self._spawn(
-            "kube-apiserver",
-            [
+        self._apiserver_cmd = [
                 str(bins.kube_apiserver),
                 f"--etcd-servers={self.etcd_endpoint}",
                 f"--cert-dir={work / 'certs'}",  # self-signed serving cert is generated here
@@ -673,9 +693,8 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--disable-admission-plugins=ServiceAccount",  # pods need no SA tokens (envtest-like)
                 "--profiling=false",
-            ],
-            self.apiserver_log_path,
-        )
+        ]
+        self._spawn("kube-apiserver", self._apiserver_cmd, self.apiserver_log_path)
 
     def _check_alive(self) -> None:
         for name, proc in self._procs:

@@ -46,9 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     # Imported only now: settings errors and --help stay fast and need no kopf.
     from secured_endpoint import wiring
 
-    wiring.run(settings, redis_settings, all_namespaces=args.all_namespaces, namespaces=args.namespace,
-               kubeconfig=args.kubeconfig, liveness=args.liveness, verbose=args.verbose)
-    return 0
+    return wiring.run(settings, redis_settings, all_namespaces=args.all_namespaces, namespaces=args.namespace,
+                      kubeconfig=args.kubeconfig, liveness=args.liveness, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -299,6 +299,15 @@ class KubeClient:
                         raise ValueError("a watch event that is not a JSON object")
                     yield event
 
+    async def serves(self, group: str, version: str, plural: str) -> bool:
+        """Does the apiserver's discovery list ``plural`` in ``group/version`` now? (Right after an apiserver
+        starts it answers before the custom resources' groups are registered.)"""
+        try:
+            listing = await self.request("GET", f"/apis/{group}/{version}")
+        except KubeError:
+            return False
+        return any(resource.get("name") == plural for resource in listing.get("resources") or ())
+
     # -- Events -----------------------------------------------------------------------------------
 
     async def post_event(self, *, namespace: str, name: str, uid: str, event_type: str, reason: str,

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import kopf
 
-from secured_endpoint import api, kube, metrics, sources, tokens
+from secured_endpoint import api, kube, metrics, schedule, sources, tokens
 from secured_endpoint.controller import Controller
 from secured_endpoint.settings import OperatorSettings, RedisSettings
 from secured_endpoint.targets.base import Target
@@ -57,6 +59,7 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     credentials = await asyncio.to_thread(kube.load_credentials, kubeconfig=memo.get("kubeconfig"))
     memo["credentials"] = credentials  # for kopf's login, which comes after the start-up handlers
     client = kube.KubeClient(credentials, max_in_flight=operator_settings.kube_max_in_flight)
+    await _until_served(client)
     token_client = tokens.TokenClient(timeout=operator_settings.token_timeout_seconds,
                                       connect_timeout=operator_settings.token_connect_timeout_seconds)
     redis_settings: RedisSettings = memo["redis_settings"]
@@ -92,13 +95,49 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     logger.info("secured-endpoint-operator started.")
 
 
+async def _until_served(client: kube.KubeClient) -> None:
+    """Wait until the apiserver serves SecuredEndpoints. kopf looks the resource up once, right after the
+    start-up handlers; an apiserver that is down or has just started (it answers before the custom resources'
+    groups are registered) would leave kopf serving nothing, for ever."""
+    failures = 0
+    while not await client.serves(api.GROUP, api.VERSION, api.PLURAL):
+        failures += 1
+        if failures % 10 == 1:  # the first time, then about once a minute
+            logger.warning("The apiserver does not serve %s.%s/%s yet (down, starting, or the CRD is missing); "
+                           "waiting.", api.PLURAL, api.GROUP, api.VERSION)
+        await asyncio.sleep(schedule.jittered_backoff(_DISCOVERY_BACKOFF, failures=failures, rng=_rng))
+    if failures:
+        logger.info("The apiserver serves %s.%s now.", api.PLURAL, api.GROUP)
+
+
+_DISCOVERY_BACKOFF = schedule.Backoff(base_seconds=0.25, cap_seconds=5.0)
+_rng = random.Random()  # noqa: S311 - jitter only
+
+
+class _UnservedWatch(logging.Handler):
+    """Catches kopf's word that it cannot serve SecuredEndpoints (its one look-up failed despite
+    :func:`_until_served`: the apiserver blinked in between) and stops the operator, which then exits non-zero
+    so that the Pod is restarted, rather than running on healthy-looking and serving nothing."""
+
+    def __init__(self, stop_flag: threading.Event) -> None:
+        super().__init__(logging.WARNING)
+        self.stop_flag = stop_flag
+        self.tripped = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Unresolved resources cannot be served") and api.PLURAL in message:
+            self.tripped = True
+            self.stop_flag.set()
+
+
 def configure_watches(settings: kopf.OperatorSettings, *, clusterwide: bool, namespaces: Iterable[str]) -> None:
     """What kopf observes beyond the SecuredEndpoints.
 
     Exact namespace names only (no glob, no negation): nothing cluster-wide is observed, so Roles in those
     namespaces are all the RBAC it needs. kopf would otherwise list and watch namespaces (to match patterns)
-    and CRDs (to notice a CRD installed or changed while it runs). The CRD must then exist when the operator
-    starts.
+    and CRDs (to notice a CRD installed or changed while it runs); :func:`_until_served` makes sure the CRD
+    is there before kopf looks.
     """
     patterns = list(namespaces)
     if not clusterwide and patterns and all(_exact_namespace(pattern) for pattern in patterns):
@@ -163,8 +202,8 @@ def _source_changed(controller: Controller) -> sources.ChangeCallback:
 
 
 def run(settings: OperatorSettings, redis_settings: RedisSettings, *, all_namespaces: bool,
-        namespaces: Iterable[str], kubeconfig: str | None, liveness: str | None, verbose: bool) -> None:
-    """Configure kopf's logging and run the operator with these handlers until it is stopped."""
+        namespaces: Iterable[str], kubeconfig: str | None, liveness: str | None, verbose: bool) -> int:
+    """Configure kopf's logging and run the operator with these handlers until it is stopped; the exit code."""
     log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.PLAIN
     kopf.configure(verbose=verbose, log_format=log_format)
     for chatty in ("httpx", "httpcore"):  # one line per request and per socket step: noise, not news
@@ -176,5 +215,15 @@ def run(settings: OperatorSettings, redis_settings: RedisSettings, *, all_namesp
     scope = list(namespaces)
     memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=kubeconfig,
                      clusterwide=all_namespaces, namespaces=tuple(scope))
-    kopf.run(registry=registry, clusterwide=all_namespaces, namespaces=scope, standalone=True,
-             liveness_endpoint=liveness, memo=memo)
+    stop_flag = threading.Event()
+    unserved = _UnservedWatch(stop_flag)
+    logging.getLogger("kopf").addHandler(unserved)
+    try:
+        kopf.run(registry=registry, clusterwide=all_namespaces, namespaces=scope, standalone=True,
+                 liveness_endpoint=liveness, memo=memo, stop_flag=stop_flag)
+    finally:
+        logging.getLogger("kopf").removeHandler(unserved)
+    if unserved.tripped:
+        logger.error("kopf could not find the SecuredEndpoint resource when it started; exiting to start again.")
+        return 1
+    return 0
