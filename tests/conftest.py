@@ -280,18 +280,23 @@ def redis_operator(control_plane: controlplane.ControlPlane, tmp_path_factory: p
                    operator_processes: list[OperatorProcess], redis_access: RedisAccess
                    ) -> Iterator[OperatorProcess]:
     workdir = tmp_path_factory.mktemp("redis-operator")
+    yield from _operator(control_plane, workdir / "operator.log", operator_processes,
+                         scope=("--namespace", "r-*"), env=redis_operator_env(redis_access, workdir))
+
+
+def redis_operator_env(redis_access: RedisAccess, workdir: Path) -> dict[str, str]:
+    """The settings of an operator that writes to the session's redis-server through every Redis setting."""
     password_file = workdir / "redis-password"
     password_file.write_text(redis_access.password + "\n")  # as a mounted Secret often has it
     server = redis_access.server
-    yield from _operator(control_plane, workdir / "operator.log", operator_processes,
-                         scope=("--namespace", "r-*"), env={
+    return {
         "SEP_REDIS_HOST": server.host, "SEP_REDIS_PORT": str(server.tls_port),
         "SEP_REDIS_USERNAME": redis_access.username, "SEP_REDIS_PASSWORD_FILE": str(password_file),
         "SEP_REDIS_DB": str(redis_access.db), "SEP_REDIS_TLS": "true", "SEP_REDIS_CA_FILE": str(server.ca_path),
         "SEP_REDIS_CERT_FILE": str(server.client_cert_path), "SEP_REDIS_KEY_FILE": str(server.client_key_path),
         "SEP_REDIS_KEY_PREFIX": redis_access.prefix, "SEP_REDIS_SOCKET_TIMEOUT_SECONDS": "2",
         "SEP_REDIS_CONNECT_TIMEOUT_SECONDS": "2",
-    })
+    }
 
 
 @pytest.fixture(scope="session")

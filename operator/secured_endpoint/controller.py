@@ -148,7 +148,7 @@ class Controller:
             inputs=self._inputs(endpoint) if spec is not None else None, failed_inputs=runtime.failed_inputs,
             refresh_at=runtime.refresh_at, rewrite_at=runtime.rewrite_at, targets_dirty=runtime.targets_dirty,
             refresh_request=desired.refresh_request, reactive_fingerprint=runtime.reactive_fingerprint,
-            last_forced=runtime.last_forced, floor=timedelta(seconds=self.settings.reactive_floor_seconds))
+            recent_forced=runtime.recent_forced, floor=timedelta(seconds=self.settings.reactive_floor_seconds))
 
     def _inputs(self, endpoint: Endpoint) -> policy.Inputs:
         assert endpoint.spec is not None
@@ -241,7 +241,7 @@ class Controller:
         assert endpoint.spec is not None
         runtime = endpoint.runtime
         if decision.forced:
-            runtime.last_forced = now
+            runtime.recent_forced = (*runtime.recent_forced, now)[-schedule.FORCED_BURST:]
         handled_request = endpoint.desired.refresh_request
         runtime.reactive_fingerprint = None
         inputs = self._inputs(endpoint)

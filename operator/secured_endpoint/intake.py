@@ -70,7 +70,7 @@ class Runtime:
     refresh_at: datetime | None = None  # when a new token is due (a failed fetch moves it to the retry)
     rewrite_at: datetime | None = None  # when to retry writing the targets with the token in hand
     failed_inputs: Inputs | None = None  # what the last failed fetch used: retry at once only if it changes
-    last_forced: datetime | None = None  # when the last forced refresh ran (the floor counts from it)
+    recent_forced: tuple[datetime, ...] = ()  # when the last forced refreshes ran (the floor counts from them)
     reactive_fingerprint: str | None = None  # a gateway reported this token as refused
     fetching: bool = False  # a token request is in flight: it answers every gateway's 401 at once
     targets_dirty: bool = False  # a target must be written again

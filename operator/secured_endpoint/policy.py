@@ -14,7 +14,8 @@ The rules, in the order they apply (the first that matches wins, like cert-manag
 3. ``spec.suspend`` → report ``Suspended`` once for this generation.
 4. A new token is needed (:func:`fetch_reasons`): none yet; the token-shaping spec fields changed; a
    referenced Secret/ConfigMap changed; the planned refresh is due; a forced refresh (the annotation, or a
-   gateway's report of a refused token) past the per-endpoint floor. After a failed fetch, a change of inputs
+   gateway's report of a refused token) the per-endpoint floor lets through (two back to back, then one per
+   floor). After a failed fetch, a change of inputs
    counts only if the inputs differ from the failed attempt's: otherwise backoff decides.
 5. The targets must be written again with the token in hand (one was lost, a write failed, Redis came back)
    or the status is for an older generation → rewrite, once any write retry time has come.
@@ -62,7 +63,7 @@ class Situation:
     targets_dirty: bool = False  # a target lost the token or could not be written
     refresh_request: str | None = None  # the refresh annotation's value
     reactive_fingerprint: str | None = None  # a gateway reported this (current) token as refused
-    last_forced: datetime | None = None  # when the last forced refresh ran
+    recent_forced: tuple[datetime, ...] = ()  # when the last forced refreshes ran (the floor counts from them)
     floor: timedelta = timedelta(seconds=5)  # least time between two forced refreshes
 
 
@@ -94,10 +95,11 @@ def forced_pending(s: Situation) -> bool:
     return annotation or s.reactive_fingerprint is not None
 
 
-def floor_passed(s: Situation) -> bool:
-    """May a forced refresh run now? The floor keeps a gateway that keeps getting 401s (a wrong audience, say)
-    from turning every refused request into a token request."""
-    return schedule.reactive_allowed(now=s.now, last_refresh=s.last_forced, floor_seconds=s.floor.total_seconds())
+def forced_at(s: Situation) -> datetime:
+    """When a forced refresh may run (at or before ``now``: now). The floor keeps a token that is refused as soon
+    as it is issued (a wrong audience, say) from turning every refusal into a token request, without delaying
+    the first refusals (:func:`schedule.forced_refresh_at`)."""
+    return schedule.forced_refresh_at(now=s.now, recent=s.recent_forced, floor_seconds=s.floor.total_seconds())
 
 
 def fetch_reasons(s: Situation) -> tuple[str, ...]:
@@ -105,7 +107,7 @@ def fetch_reasons(s: Situation) -> tuple[str, ...]:
     assert s.inputs is not None
     recorded = s.recorded
     why: list[str] = []
-    if forced_pending(s) and floor_passed(s):
+    if forced_pending(s) and forced_at(s) <= s.now:
         why.append("refresh requested")
     if s.inputs != s.failed_inputs:
         if recorded.token_config_hash is None:
@@ -153,8 +155,8 @@ def next_due(s: Situation) -> datetime | None:
     candidates = [s.refresh_at]
     if s.targets_dirty:
         candidates.append(s.rewrite_at)
-    if forced_pending(s) and s.last_forced is not None:
-        candidates.append(s.last_forced + s.floor)
+    if forced_pending(s):
+        candidates.append(forced_at(s))
     return min((c for c in candidates if c is not None), default=None)
 
 

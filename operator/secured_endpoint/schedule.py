@@ -14,7 +14,8 @@ results are in UTC.
 - :func:`backoff_delay` / :func:`retry_time` — when to try again after a failed request: capped exponential
   backoff with "equal jitter", slower for errors that retrying will not fix, and one last attempt before a
   still-valid token expires.
-- :func:`reactive_allowed` — the per-endpoint floor between refreshes a gateway asked for (docs/contract.md §4).
+- :func:`forced_refresh_at` — the per-endpoint floor between refreshes gateways or people asked for
+  (docs/contract.md §4).
 
 **The scheduler.** kopf timers are one asyncio task per object, each holding a copy of the body, and they only
 know fixed intervals. Refreshes need "run at time T" for 10,000+ objects on one replica, so
@@ -45,7 +46,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
@@ -301,18 +302,28 @@ def retry_time(
 # ----------------------------------------------------------------------------------------------------
 
 
-def reactive_allowed(*, now: datetime, last_refresh: datetime | None, floor_seconds: float) -> bool:
-    """Return whether a refresh a gateway asked for may run now, given the per-endpoint floor between them.
+# Forced refreshes allowed back to back before the floor applies. The floor is there for a token that is refused
+# as soon as it is issued (a wrong audience, an IdP that revokes at once): without it every refused token would
+# be replaced at once, in a loop. A token refused soon after it replaced a refused one is not that loop yet
+# (an IdP revoking every session once, a rotation racing a revocation): it is replaced at once too.
+FORCED_BURST = 2
 
-    Allowed when there was no refresh yet or the last one is at least ``floor_seconds`` ago. A
-    ``last_refresh`` in the future means our clock went back (or another replica's clock was ahead): allowed
-    too, rather than blocking every reactive refresh until the clock catches up. The refresh it triggers
-    resets ``last_refresh`` to our ``now``, so the floor holds again from there.
+
+def forced_refresh_at(*, now: datetime, recent: Sequence[datetime], floor_seconds: float,
+                      burst: int = FORCED_BURST) -> datetime:
+    """When a forced refresh (a gateway's report, the annotation) may run, given the times of the recent ones.
+
+    At most ``burst`` run within any ``floor_seconds``; one more waits until the oldest of those is
+    ``floor_seconds`` old. A time in the future means our clock went back (or another replica's was ahead): it
+    is ignored rather than blocking every forced refresh until the clock catches up. A result at or before
+    ``now`` means "now".
     """
-    if last_refresh is None:
-        return True
-    elapsed = _as_utc(now, "now") - _as_utc(last_refresh, "last_refresh")
-    return elapsed < timedelta(0) or elapsed >= timedelta(seconds=floor_seconds)
+    now = _as_utc(now, "now")
+    floor = timedelta(seconds=floor_seconds)
+    window = sorted(moment for moment in (_as_utc(m, "recent") for m in recent) if now - floor < moment <= now)
+    if len(window) < burst:
+        return now
+    return window[-burst] + floor
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio
+from kubernetes import client as k8s
 
 from secured_endpoint import tokens
 from secured_endpoint_devenv.tokenserver import TokenServer
 from secured_endpoint_gateway import RedisTokenSource, TokenAuth
-from tests.conftest import Kube, OperatorProcess, RedisAccess, Setup, wait_for
+from tests.conftest import Kube, OperatorProcess, RedisAccess, Setup, redis_operator_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -201,3 +204,57 @@ async def _gateways_during_revocations(access: RedisAccess, namespace: str, key:
 
     await asyncio.gather(revoke(), *(replica() for _ in range(replicas)))
     return statuses
+
+
+def test_a_token_refused_soon_after_issue_is_replaced_at_once(control_plane: Any, kube: Kube,
+                                                              redis_access: RedisAccess, token_server: TokenServer,
+                                                              secret_values: set[str], tmp_path: Path,
+                                                              operator_processes: list[OperatorProcess]) -> None:
+    """Default settings (a 5 s floor): twenty gateways report the same refused token within 100 ms, a few
+    seconds after it was issued by the previous forced refresh: one token request, the new token in Redis
+    within a gateway's wait (3 s by default); only a token refused again and again meets the floor."""
+    namespace = f"rf-{time.monotonic_ns() % 10**8}"
+    kube.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
+    operator = OperatorProcess(kubeconfig=control_plane.kubeconfig_path, log_path=tmp_path / "operator.log",
+                               scope=("--namespace", namespace),
+                               env={"SEP_STARTUP_SPREAD_SECONDS": "0", **redis_operator_env(redis_access, tmp_path)})
+    operator_processes.append(operator)
+    operator.start()
+    try:
+        setup = Setup(kube, namespace, secret_values)
+        setup.client(token_server)
+        setup.endpoint("often", token_server, **REDIS_TARGET)
+        kube.wait_ready(namespace, "often")
+        client = redis_access.client()
+        key, channel = redis_access.key(namespace, "often"), f"{redis_access.prefix}:refresh"
+
+        def refuse_and_report() -> tuple[str, float]:
+            """The IdP revokes the current token; twenty gateways report it within 100 ms."""
+            current = client.hget(key, "fingerprint")
+            access_token = client.hget(key, "access_token")
+            assert token_server.revoke(access_token)
+            for _ in range(20):
+                client.publish(channel, f"{namespace}/often {current}")
+                time.sleep(0.005)
+            return current, time.monotonic()
+
+        for round_ in range(2):  # the creation's token, then the one the first forced refresh issued
+            requests = token_server.token_requests
+            refused, reported = refuse_and_report()
+            wait_for(lambda refused=refused: client.hget(key, "fingerprint") != refused, timeout=3,
+                     message=f"a new token within a gateway's wait (round {round_ + 1})")
+            replaced_after = time.monotonic() - reported
+            time.sleep(1)
+            assert token_server.token_requests == requests + 1, "twenty reports, one token request"
+            assert replaced_after < 2.0
+        # a third refusal within the floor: the loop the floor guards against
+        requests = token_server.token_requests
+        refused, reported = refuse_and_report()
+        time.sleep(1)
+        assert client.hget(key, "fingerprint") == refused, "not before the floor"
+        wait_for(lambda: client.hget(key, "fingerprint") != refused, timeout=8, message="a token after the floor")
+        assert token_server.token_requests == requests + 1
+        kube.delete_endpoint(namespace, "often")
+        wait_for(lambda: kube.get_endpoint(namespace, "often") is None, message="the endpoint gone")
+    finally:
+        operator.stop()

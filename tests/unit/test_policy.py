@@ -141,9 +141,16 @@ def test_the_annotation_forces_one_refresh_per_value() -> None:
     assert decide(handled).action is Action.WAIT
 
 
-def test_a_forced_refresh_waits_for_the_floor() -> None:
-    s = situation(reactive_fingerprint="sha256:111111111111", last_forced=NOW - timedelta(seconds=2),
+def test_a_second_forced_refresh_runs_at_once() -> None:
+    s = situation(reactive_fingerprint="sha256:111111111111", recent_forced=(NOW - timedelta(seconds=2),),
                   floor=timedelta(seconds=5))
+    assert decide(s).forced
+    assert next_due(s) == NOW
+
+
+def test_a_third_forced_refresh_waits_for_the_floor() -> None:
+    s = situation(reactive_fingerprint="sha256:111111111111",
+                  recent_forced=(NOW - timedelta(seconds=2), NOW - timedelta(seconds=1)), floor=timedelta(seconds=5))
     assert decide(s).action is Action.WAIT
     assert next_due(s) == NOW - timedelta(seconds=2) + timedelta(seconds=5)
     later = dataclasses.replace(s, now=NOW + timedelta(seconds=3))
@@ -151,7 +158,8 @@ def test_a_forced_refresh_waits_for_the_floor() -> None:
 
 
 def test_the_floor_does_not_block_when_the_clock_went_back() -> None:
-    s = situation(reactive_fingerprint="sha256:111111111111", last_forced=NOW + timedelta(minutes=5))
+    s = situation(reactive_fingerprint="sha256:111111111111",
+                  recent_forced=(NOW + timedelta(minutes=5), NOW + timedelta(minutes=6)))
     assert decide(s).forced
 
 

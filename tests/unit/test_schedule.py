@@ -14,7 +14,8 @@ Policy (fixed datetimes, seeded ``random.Random``; hypothesis for the invariants
 - retry_time: plain backoff without a token; one "last chance" before a still-valid token expires for
   transient errors only; plain backoff once that moment has passed; property: always after now, never after
   the last chance when one is ahead.
-- reactive_allowed: first refresh, inside and at the floor, a last refresh in the future (clock went back).
+- forced_refresh_at: two back to back, the third waits for the floor of the oldest, at and past the floor,
+  refreshes in the future (clock went back) ignored.
 
 Scheduler (real event loop, due times a few tens of milliseconds ahead):
 - jobs start in due order, ties first-come-first-served; rescheduling earlier wakes a sleeping loop;
@@ -54,7 +55,7 @@ from secured_endpoint.schedule import (
     Scheduler,
     backoff_ceiling,
     backoff_delay,
-    reactive_allowed,
+    forced_refresh_at,
     refresh_time,
     retry_time,
     token_expiry,
@@ -347,19 +348,23 @@ def test_retry_properties(failures: int, permanent: bool, remaining_s: int | Non
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reactive_allowed
+# forced_refresh_at
 # ----------------------------------------------------------------------------------------------------------
 
-
-def test_reactive_floor() -> None:
-    assert reactive_allowed(now=T0, last_refresh=None, floor_seconds=10)
-    assert not reactive_allowed(now=T0, last_refresh=T0 - timedelta(seconds=9.9), floor_seconds=10)
-    assert reactive_allowed(now=T0, last_refresh=T0 - timedelta(seconds=10), floor_seconds=10)
-    assert reactive_allowed(now=T0, last_refresh=T0 - HOUR, floor_seconds=10)
+SECOND = timedelta(seconds=1)
 
 
-def test_reactive_allowed_when_the_clock_went_back() -> None:
-    assert reactive_allowed(now=T0, last_refresh=T0 + HOUR, floor_seconds=10)
+def test_two_forced_refreshes_back_to_back_then_the_floor() -> None:
+    assert forced_refresh_at(now=T0, recent=(), floor_seconds=10) == T0
+    assert forced_refresh_at(now=T0, recent=(T0 - SECOND,), floor_seconds=10) == T0
+    # a third within the floor waits until the older of the two is a floor old
+    assert forced_refresh_at(now=T0, recent=(T0 - 3 * SECOND, T0 - SECOND), floor_seconds=10) == T0 + 7 * SECOND
+    assert forced_refresh_at(now=T0, recent=(T0 - 10 * SECOND, T0 - SECOND), floor_seconds=10) == T0
+    assert forced_refresh_at(now=T0, recent=(T0 - HOUR, T0 - HOUR), floor_seconds=10) == T0
+
+
+def test_forced_refreshes_in_the_future_are_ignored() -> None:
+    assert forced_refresh_at(now=T0, recent=(T0 + HOUR, T0 + HOUR), floor_seconds=10) == T0
 
 
 # ----------------------------------------------------------------------------------------------------------
