@@ -6,10 +6,12 @@ Cases:
 - one source of truth: with the default values the chart renders exactly the objects of ``kubectl kustomize
   manifests/`` (CRD included), up to Helm's own labels (chart, instance, version, managed-by) and the
   Namespace, which Helm's --create-namespace makes (``createNamespace=true`` renders the manifests' one);
-  the chart's CRD is the file in crds/;
+  the chart's CRD is crds/'s file (a symbolic link, which helm follows and helm package copies);
 - namespaced mode renders rbac-namespaced.yaml's Role and RoleBinding in each named namespace and
   ``--namespace=NS`` arguments, nothing cluster-scoped; a pattern adds rbac-namespace-patterns.yaml's
   ClusterRole; a bad mode or no namespaces fails with a message;
+- leader election: the Lease Role and RoleBinding of the manifests; switched off, neither, and
+  SEP_LEADER_ELECTION=false;
 - metrics: SEP_METRICS_PORT, a container port, a Service and a ServiceMonitor; Redis: the password comes from
   the existing Secret, mounted and read with SEP_REDIS_PASSWORD_FILE, never as a value; extra env, resources,
   replicas, image are passed through;
@@ -106,23 +108,30 @@ def test_defaults_render_the_manifests(helm_binary: None, kube: Kube) -> None:
     # the Namespace, when asked for
     with_namespace = by_key(render("createNamespace=true"))
     assert _strip_helm_labels(with_namespace[("Namespace", "", "secured-endpoint-system")]) == namespace
-    # one CRD file
-    assert (CHART / "crds" / "secured-endpoint.io_securedendpoints.yaml").read_text() \
-        == (ROOT / "crds" / "secured-endpoint.io_securedendpoints.yaml").read_text()
+    # one CRD file: the chart's is a link to crds/ (helm package copies the content in)
+    assert (CHART / "crds" / "secured-endpoint.io_securedendpoints.yaml").resolve() \
+        == (ROOT / "crds" / "secured-endpoint.io_securedendpoints.yaml").resolve()
 
 
 def test_namespaced_mode(helm_binary: None) -> None:
     def manifest_docs(name: str) -> list[dict[str, Any]]:
         return [doc for doc in yaml.safe_load_all((ROOT / "manifests" / name).read_text()) if doc]
 
-    role, binding = manifest_docs("rbac-namespaced.yaml")
+    # the template's team-a Role and RoleBinding, and what it puts in the operator's own namespace once
+    per_namespace = [doc for doc in manifest_docs("rbac-namespaced.yaml") if doc["metadata"]["namespace"] == "team-a"]
+    once = [doc for doc in manifest_docs("rbac-namespaced.yaml") if doc["metadata"]["namespace"] != "team-a"]
+    assert per_namespace
     chart = by_key(render("mode=namespaced", "namespaces={team-a,team-b}"))
     assert not [key for key in chart if key[0].startswith("Cluster")], "nothing cluster-scoped"
     for ns in ("team-a", "team-b"):
-        for template in (role, binding):
+        for template in per_namespace:
             wanted = copy.deepcopy(template)
             wanted["metadata"]["namespace"] = ns
             assert _strip_helm_labels(chart[(wanted["kind"], ns, wanted["metadata"]["name"])]) == wanted
+    for wanted in once:
+        assert _strip_helm_labels(chart[(wanted["kind"], wanted["metadata"]["namespace"],
+                                         wanted["metadata"]["name"])]) == wanted
+    assert len(chart) == 2 * len(per_namespace) + len(once) + 3, sorted(chart)  # + CRD, ServiceAccount, Deployment
     (deployment,) = [doc for key, doc in chart.items() if key[0] == "Deployment"]
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[2:4] == ["--namespace=team-a", "--namespace=team-b"]
@@ -133,7 +142,12 @@ def test_namespaced_mode(helm_binary: None) -> None:
         "rbac-namespace-patterns.yaml")}
     assert {key: _strip_helm_labels(doc) for key, doc in patterns.items() if key[0].startswith("Cluster")} \
         == wanted_cluster
-    assert not [key for key in patterns if key[0] == "Role"], "a pattern is no namespace to put a Role in"
+    assert [key[2] for key in patterns if key[0] == "Role"] == ["secured-endpoint-operator-leader-election"], \
+        "a pattern is no namespace to put a Role in"
+
+    without_election = by_key(render("leaderElection.enabled=false"))
+    assert not [key for key in without_election if key[2].endswith("-leader-election")]
+    assert {"name": "SEP_LEADER_ELECTION", "value": "false"} in _container(list(without_election.values()))["env"]
 
     assert "mode must be cluster or namespaced" in render_error("mode=everywhere")
     assert "mode namespaced needs namespaces" in render_error("mode=namespaced")
