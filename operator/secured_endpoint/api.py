@@ -40,6 +40,9 @@ class Reason(enum.StrEnum):
     TOKEN_ISSUED = "TokenIssued"
     TOKEN_REFRESHED = "TokenRefreshed"
     CREDENTIALS_NOT_FOUND = "CredentialsNotFound"
+    # The Kubernetes API failed or refused while a referenced Secret/ConfigMap was read: nothing is known to be
+    # missing (transient; a 403 names the permission).
+    CREDENTIALS_UNREADABLE = "CredentialsUnreadable"
     INVALID_CREDENTIALS = "InvalidCredentials"
     TOKEN_REQUEST_FAILED = "TokenRequestFailed"
     INVALID_TOKEN_RESPONSE = "InvalidTokenResponse"

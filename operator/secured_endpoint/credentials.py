@@ -185,7 +185,30 @@ def _trust_store(trust_store: api.TrustStore, raw_value: Callable[[str, str, str
                                            f"{'' if 'spec.' in exc.message else f' (spec.{field})'}") from None
 
 
+class CredentialsUnreadableError(CredentialsError):
+    """The Kubernetes API failed or refused while a referenced object was read: it may well exist."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(api.Reason.CREDENTIALS_UNREADABLE, message)
+
+
 async def _fetch(client: kube.KubeClient, namespace: str, ref: api.SourceRef) -> dict[str, Any] | None:
-    if ref.kind == "ConfigMap":
-        return await client.get_configmap(namespace, ref.name)
-    return await client.get_secret(namespace, ref.name)
+    try:
+        if ref.kind == "ConfigMap":
+            return await client.get_configmap(namespace, ref.name)
+        return await client.get_secret(namespace, ref.name)
+    except kube.KubeError as exc:
+        raise CredentialsUnreadableError(unreadable_message(namespace, ref, exc)) from None
+
+
+def unreadable_message(namespace: str, ref: api.SourceRef, error: kube.KubeError) -> str:
+    """Why ``ref`` could not be read, in words that point at the cause: the apiserver or the operator's RBAC."""
+    resource = "configmaps" if ref.kind == "ConfigMap" else "secrets"
+    if error.status == 403:
+        return (f"{ref} cannot be read: the operator is not allowed to get {resource} in namespace {namespace} "
+                f"(its RBAC needs get on {resource} there): {error.message}")
+    if error.status == 401:
+        return f"{ref} cannot be read: the apiserver refused the operator's credentials (401)"
+    if error.status == 0:
+        return f"{ref} cannot be read: the Kubernetes API is unreachable ({error.message})"
+    return f"{ref} cannot be read: the Kubernetes API answered {error.status} {error.reason}".rstrip()

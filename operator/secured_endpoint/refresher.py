@@ -61,6 +61,8 @@ class Refresher:
             requested = time.monotonic()
             self.metrics.observe_credentials_read(requested - started)
             response = await self.token_client.fetch(loaded.request)
+        except credentials.CredentialsUnreadableError as exc:  # the API failed: transient, nothing is missing
+            return self._failed(FetchFailed(FailureKind.KUBE, exc.reason, exc.message))
         except credentials.CredentialsError as exc:
             return self._failed(FetchFailed(FailureKind.CREDENTIALS, exc.reason, exc.message))
         except tokens.TokenError as exc:
@@ -68,7 +70,7 @@ class Refresher:
             return self._failed(FetchFailed(FailureKind.TOKEN, exc.reason, str(exc), permanent=exc.permanent,
                                             retry_after_seconds=exc.retry_after_seconds))
         except kube.KubeError as exc:
-            return self._failed(FetchFailed(FailureKind.KUBE, api.Reason.CREDENTIALS_NOT_FOUND,
+            return self._failed(FetchFailed(FailureKind.KUBE, api.Reason.CREDENTIALS_UNREADABLE,
                                             f"cannot read the referenced Secrets: {exc}"))
         except Exception as exc:
             # a library raised what the token client does not classify (a bug to fix, not a reason to leave the

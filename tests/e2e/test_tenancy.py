@@ -443,3 +443,38 @@ def _check_model(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:
 def _types_in(annotation: Any) -> list[Any]:
     arguments = typing.get_args(annotation)
     return [annotation] if not arguments else [item for argument in arguments for item in _types_in(argument)]
+
+
+# -- a permission missing ---------------------------------------------------------------------------------
+
+
+def test_a_missing_get_permission_is_named_not_taken_for_a_missing_secret(
+        control_plane: ControlPlane, kube: Kube, namespaces: Any, token_server: TokenServer,
+        secret_values: set[str], operator_processes: list[OperatorProcess], tmp_path: Path) -> None:
+    """The Secret exists but the operator may not get it: CredentialsUnreadable naming the permission (not
+    CredentialsNotFound, which would send a user looking for a Secret that is there); once granted, the
+    transient backoff brings the token within seconds."""
+    watched, system = namespaces.new("tenr"), namespaces.new("tensys")
+    documents = _rbac(MANIFESTS / "rbac-namespaced.yaml", namespace=watched, account_namespace=system)
+    (secrets,) = [rule for document in documents if document["kind"] == "Role"
+                  for rule in document["rules"] if rule["resources"] == ["secrets"]]
+    secrets["verbs"] = [verb for verb in secrets["verbs"] if verb != "get"]
+    kubeconfig = _service_account_kubeconfig(control_plane, system, "secured-endpoint-operator",
+                                             tmp_path / "sa.kubeconfig")
+    _apply(control_plane, documents)
+    operator = _operator(control_plane, tmp_path, operator_processes, scope=("--namespace", watched),
+                         kubeconfig=kubeconfig)
+    setup = Setup(kube, watched, secret_values)
+    setup.client(token_server)
+    setup.endpoint("forbidden", token_server)
+    condition = kube.wait_ready(watched, "forbidden", status="False", reason="CredentialsUnreadable", timeout=15)
+    assert f"not allowed to get secrets in namespace {watched}" in condition["message"]
+    assert "RBAC needs get on secrets" in condition["message"]
+    assert token_server.token_requests == 0
+    secrets["verbs"].append("get")
+    _apply(control_plane, documents)
+    kube.wait_ready(watched, "forbidden", timeout=20)
+    assert token_server.token_requests == 1
+    kube.delete_endpoint(watched, "forbidden")
+    wait_for(lambda: kube.get_endpoint(watched, "forbidden") is None, message="the endpoint to be deleted")
+    operator.stop()
