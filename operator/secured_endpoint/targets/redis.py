@@ -66,7 +66,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from secured_endpoint import api
+from secured_endpoint import api, schedule
 from secured_endpoint.settings import RedisSettings
 from secured_endpoint.targets.base import IssuedToken, Owner, TargetError
 from secured_endpoint_gateway import wire
@@ -137,8 +137,7 @@ class RedisTarget:
         self._operation_timeout = operation_timeout
         self._ping_interval = ping_interval
         self._keepalive_interval = keepalive_interval
-        self._reconnect_base = reconnect_base
-        self._reconnect_cap = reconnect_cap
+        self._reconnect_backoff = schedule.Backoff(base_seconds=reconnect_base, cap_seconds=reconnect_cap)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._available: bool | None = None  # None: not known yet
         self._write_script = client.register_script(_WRITE_SCRIPT)
@@ -358,8 +357,7 @@ class RedisTarget:
             yield request
 
     def _reconnect_delay(self, failures: int) -> float:
-        ceiling = min(self._reconnect_cap, self._reconnect_base * 2.0 ** min(failures - 1, 30))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)  # equal jitter: spread out, but never hammer
+        return schedule.jittered_backoff(self._reconnect_backoff, failures=failures, rng=self._rng)
 
     # -- availability ------------------------------------------------------------------------------------
 
