@@ -14,13 +14,15 @@ Replicas compete for one Lease; only its holder refreshes tokens and writes. The
   from when it *saw* that write — so the leader has stopped before anyone may take over. A leader that finds
   another holder in the Lease, or loses a conflicting write (409) to a rival, steps down at once.
 - **Follow**: try again after a retry period jittered like client-go's (``JitterFactor`` 1.2: a wait in
-  ``[1, 2.2)`` retry periods).
+  ``[1, 2.2)`` retry periods) — but never later than the moment the holder's lease runs out by our clock
+  (:func:`follower_wait`), where client-go may wait up to 2.2 more retry periods. A dead leader is then replaced
+  at most ``lease_duration + 2.2 * retry_period`` after its last renewal (19.4 s by default, not 23.8 s).
 - **Release** when :meth:`LeaderElector.run` ends (client-go's ReleaseOnCancel): holder empty, lease duration
   1 s, so a follower takes over at its next try — only after ``on_stopped_leading`` has returned, so the old
   leader's writes are over.
 
 The decisions are pure functions with the clock as an argument (:func:`observe`, :func:`may_take`,
-:func:`renew_deadline_passed`, :func:`next_record`, :func:`release_record`, :func:`jittered`);
+:func:`renew_deadline_passed`, :func:`next_record`, :func:`release_record`, :func:`follower_wait`);
 :class:`LeaderElector` does the timing and the I/O, all of it through :class:`kube.KubeClient`. Like client-go
 there is no fencing: a leader whose event loop stalls for longer than ``lease_duration - renew_deadline`` could
 still finish a write after a rival took over. :attr:`LeaderElector.is_leader` reads the clock each time, so a
@@ -113,6 +115,19 @@ def timing_problems(lease_duration: float, renew_deadline: float, retry_period: 
 def jittered(period: float, factor: float, rng: random.Random) -> float:
     """client-go's ``wait.Jitter``: ``period`` plus up to ``factor`` periods, uniformly: ``[p, p * (1 + f))``."""
     return period + rng.random() * factor * period
+
+
+def follower_wait(observation: Observation | None, identity: str, timing: Timing, now: float,
+                  rng: random.Random) -> float:
+    """How long a follower waits before its next try: the jittered retry period, cut short to the moment
+    another holder's lease runs out by our clock (if that is still ahead), so that a dead leader is replaced as
+    soon as the rules allow. A live leader renews long before that moment, so this costs no extra reads."""
+    wait = jittered(timing.retry_period, timing.jitter_factor, rng)
+    if observation is not None and observation.record.holder not in ("", identity):
+        expiry = observation.observed_at + observation.record.lease_duration_seconds
+        if expiry > now:
+            wait = min(wait, expiry - now)
+    return wait
 
 
 def renew_deadline_passed(renewed_at: float, timing: Timing, now: float) -> bool:
@@ -412,7 +427,7 @@ class LeaderElector:
         await asyncio.sleep(self._follower_wait())
 
     def _follower_wait(self) -> float:
-        return jittered(self.timing.retry_period, self.timing.jitter_factor, self._rng)
+        return follower_wait(self._observation, self.identity, self.timing, self._monotonic(), self._rng)
 
     # -- one try: client-go's tryAcquireOrRenew ----------------------------------------------------------------
 

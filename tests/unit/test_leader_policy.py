@@ -1,24 +1,27 @@
 """The leader election's pure decisions (secured_endpoint.leader), with the clock as an argument.
 
 Covers: the timing rules client-go enforces (and that the settings' defaults pass them); the lease duration
-written as whole seconds, rounded up; client-go's jitter ``[p, 2.2 p)``; the renew deadline counted from the
-start of the last successful write; the observedTime rule — a record's clock restarts only when the record
+written as whole seconds, rounded up; client-go's jitter ``[p, 2.2 p)``, cut short to the holder's expiry (so a
+dead leader is replaced within lease + 2.2 retry periods of its last renewal); the renew deadline counted from
+the start of the last successful write; the observedTime rule — a record's clock restarts only when the record
 changes, expiry uses the record's own duration, and the record's timestamps (another node's clock, however
 skewed) never count; who may take the Lease (nobody holds it, we hold it, expired by our clock); the records
 written when creating, renewing, taking over and releasing (transitions, acquire/renew times as MicroTime);
 reading a Lease's spec, defaults for missing or malformed fields; the bodies sent (create; replace keeps the
-metadata and so the resourceVersion precondition); identities (POD_NAME, host name, unique per process).
+metadata and so the resourceVersion precondition); identities (POD_NAME, host name, unique per process); an
+elector built from the settings.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import ssl
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from secured_endpoint import leader
+from secured_endpoint import kube, leader
 from secured_endpoint.leader import LeaseRecord, Observation, Timing
 from secured_endpoint.settings import load_settings
 
@@ -93,6 +96,32 @@ def test_jitter_spreads_over_the_whole_range_and_zero_means_none() -> None:
     assert 2.0 <= min(waits) < 2.1
     assert 4.3 < max(waits) < 4.4
     assert leader.jittered(2.0, 0.0, rng) == 2.0
+
+
+def test_a_follower_tries_again_when_the_holders_lease_runs_out_if_that_comes_first() -> None:
+    half = _Fixed(0.5)  # a jittered wait of 3.2 s
+    seen = leader.observe(None, held_by(RIVAL), 0.0)  # runs out at 15.0
+    assert leader.follower_wait(seen, ME, DEFAULT, 1.0, half) == pytest.approx(3.2), "a live lease: jittered"
+    assert leader.follower_wait(seen, ME, DEFAULT, 14.0, half) == pytest.approx(1.0), "cut short to the expiry"
+    assert leader.follower_wait(seen, ME, DEFAULT, 15.0, half) == pytest.approx(3.2), "past it (the API failing)"
+    assert leader.follower_wait(seen, ME, DEFAULT, 20.0, half) == pytest.approx(3.2), "never a busy loop"
+    assert leader.follower_wait(None, ME, DEFAULT, 0.0, half) == pytest.approx(3.2), "nothing seen yet"
+    for holder in ("", ME):
+        own = leader.observe(None, held_by(holder), 0.0)
+        assert leader.follower_wait(own, ME, DEFAULT, 14.0, half) == pytest.approx(3.2)
+
+
+def test_a_dead_leader_is_replaced_within_lease_plus_one_jittered_period_of_its_last_renewal() -> None:
+    slowest = _Fixed(0.999999)  # always the longest wait: 4.4 s
+    renewed = 100.0  # the leader's last renewal; it dies right after
+    # the worst case: the follower read the Lease just before, so it sees that renewal one longest wait later
+    now = renewed + leader.jittered(DEFAULT.retry_period, DEFAULT.jitter_factor, slowest)
+    seen = leader.observe(None, held_by(RIVAL), now)
+    while not leader.may_take(seen, ME, now):
+        now += leader.follower_wait(seen, ME, DEFAULT, now, slowest)
+        seen = leader.observe(seen, held_by(RIVAL), now)  # unchanged: nobody renews it any more
+    assert now == pytest.approx(seen.observed_at + DEFAULT.lease_duration), "the moment it ran out, not later"
+    assert now - renewed <= DEFAULT.lease_duration + DEFAULT.retry_period * (1 + DEFAULT.jitter_factor)
 
 
 def test_the_renew_deadline_counts_from_the_start_of_the_last_successful_write() -> None:
@@ -256,3 +285,30 @@ def test_without_pod_name_the_host_name_is_used() -> None:
     assert leader.default_identity({"POD_NAME": "  "}, hostname="laptop").startswith("laptop_")
     assert leader.default_identity({}, hostname="").startswith("secured-endpoint-operator_")
     assert leader.default_identity({}).split("_")[0], "the real host name"
+
+
+# -- building an elector (no I/O until run) -------------------------------------------------------------------
+
+
+def _client() -> kube.KubeClient:
+    return kube.KubeClient(kube.Credentials(server="https://127.0.0.1:1", tls=ssl.create_default_context()))
+
+
+def test_an_elector_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "sep-operator-0")
+    settings = load_settings({"SEP_LEASE_NAME": "sep-lock", "SEP_LEASE_NAMESPACE": "sep-system",
+                              "SEP_LEASE_DURATION_SECONDS": "20", "SEP_RENEW_DEADLINE_SECONDS": "12"})
+    elector = leader.LeaderElector.from_settings(_client(), settings)
+    assert (elector.namespace, elector.name) == ("sep-system", "sep-lock")
+    assert elector.timing == Timing(lease_duration=20, renew_deadline=12, retry_period=2)
+    assert elector.identity.startswith("sep-operator-0_")
+    assert not elector.is_leader
+    assert elector.leader is None
+    assert not elector.leading.is_set()
+    assert str(elector) == "Lease sep-system/sep-lock"
+    assert leader.LeaderElector.from_settings(_client(), settings, identity="x", namespace="other").identity == "x"
+
+
+def test_an_elector_needs_an_identity() -> None:
+    with pytest.raises(ValueError, match="empty holderIdentity means nobody"):
+        leader.LeaderElector(_client(), namespace="ns", name="lease", identity="")
