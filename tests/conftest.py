@@ -2,7 +2,8 @@
 
 - ``control_plane`` (session): etcd + kube-apiserver built from source, CRD applied and established.
 - ``kube``: the official Python client's APIs bound to that control plane (tests are synchronous).
-- ``namespace``: a fresh namespace; its SecuredEndpoints are deleted at the end, through the operator.
+- ``namespace``: a fresh namespace; its SecuredEndpoints are deleted at the end, through the operator (a
+  finalizer still there after 20 s fails the test, unless no operator serves the namespace).
 - ``operator`` (session): ``secured-endpoint-operator run --namespace 't-*'`` as a subprocess whose
   log is kept for the leak scan; ``operator.restart()`` for the restart tests. No Redis.
 - ``redis_server`` / ``redis_operator`` / ``redis_setup`` (session): a TLS redis-server with an ACL user, and
@@ -10,16 +11,25 @@
   certificate), so every Redis test runs through all of those settings.
 - ``token_server`` / ``tls_token_server``: RFC 6749 servers on loopback, one per test.
 - ``secret_values``: every client secret, password and token the session used (for the leak scan).
+- ``RECORD``: what the leak scan reads besides what is left in the cluster: every operator started (whoever
+  started it), statuses, Events and ``/metrics`` taken at each namespace teardown, every message on the session
+  Redis' channels; the scan (tests/e2e/test_secrets_never_leak.py) is marked ``runs_last`` and runs after
+  every other test.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +48,21 @@ from secured_endpoint_devenv.tokenserver import TokenServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_PATH = ROOT / "crds" / "secured-endpoint.io_securedendpoints.yaml"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "runs_last: run after every other test of the session (the leak scan)")
+
+
+def runs_last_at_the_end(items: list[pytest.Item]) -> None:
+    """Move the tests marked ``runs_last`` behind all others, keeping both groups in their order."""
+    items[:] = [item for item in items if item.get_closest_marker("runs_last") is None] + \
+        [item for item in items if item.get_closest_marker("runs_last") is not None]
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    runs_last_at_the_end(items)
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05,
@@ -130,7 +155,8 @@ class Kube:
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[controlplane.ControlPlane]:
     controlplane.ensure_binaries()
-    with controlplane.ControlPlane() as plane:
+    with controlplane.ControlPlane(audit_log=True) as plane:  # the leak scan reads the audit log
+        RECORD.secrets.add(plane.admin_token)
         plane.install_crds(CRD_PATH.parent)
         yield plane
 
@@ -156,20 +182,55 @@ def _namespace(kube: Kube, prefix: str) -> Iterator[str]:
     name = f"{prefix}-{uuid.uuid4().hex[:10]}"
     kube.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
     yield name
+    record_namespace(kube, name)
     # No namespace controller runs here: delete the endpoints (the operator releases them), then wait.
     items = kube.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, name, api.PLURAL)["items"]
     for item in items:
         kube.delete_endpoint(name, item["metadata"]["name"])
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        left = kube.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, name, api.PLURAL)["items"]
-        if not left:
-            break
+    left: list[dict[str, Any]] = items
+    while left and time.monotonic() < deadline:
         time.sleep(0.1)
-    else:
-        for item in left:  # the operator is not running (e.g. schema tests): drop the finalizers
-            kube.patch_endpoint(name, item["metadata"]["name"], {"metadata": {"finalizers": None}})
+        left = kube.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, name, api.PLURAL)["items"]
+    record_namespace(kube, name, endpoints=False)  # the Events of the deletion
+    if left:
+        serving = [process for process in RECORD.operators if process.serves(name, kube.control_plane.server)]
+        stuck = {item["metadata"]["name"]: item.get("status") for item in left}
+        for endpoint in stuck:  # the namespace must not keep them either way
+            kube.patch_endpoint(name, endpoint, {"metadata": {"finalizers": None}})
+        kube.core.delete_namespace(name)
+        if serving:
+            pytest.fail(f"{name}: the finalizer of {sorted(stuck)} was not released within 20 s although "
+                        f"{len(serving)} operator(s) serve the namespace (logs: "
+                        f"{', '.join(str(p.log_path) for p in serving)}); status: {json.dumps(stuck)}")
+        warnings.warn(f"{name}: no operator serves this namespace; dropped the finalizers of {sorted(stuck)}",
+                      stacklevel=1)
+        return
     kube.core.delete_namespace(name)
+
+
+def record_namespace(kube: Kube, namespace: str, *, endpoints: bool = True) -> None:
+    """Keep what the namespace shows before it goes (its endpoints' metadata and status, its Events) and what
+    every running operator's ``/metrics`` says, for the leak scan."""
+    if endpoints:
+        for item in kube.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace,
+                                                              api.PLURAL)["items"]:
+            RECORD.snapshots.append((f"SecuredEndpoint {namespace}/{item['metadata']['name']} at teardown",
+                                     json.dumps(written_by_the_operator(item))))
+        for process in RECORD.operators:
+            if (scrape := process.metrics()) is not None:
+                RECORD.snapshots.append((f"/metrics of {process.log_path} at the teardown of {namespace}", scrape))
+    events = [event.to_dict() for event in kube.core.list_namespaced_event(namespace).items]
+    RECORD.snapshots.append((f"Events of {namespace} at teardown", json.dumps(events, default=str)))
+
+
+def written_by_the_operator(endpoint: dict[str, Any]) -> dict[str, Any]:
+    """A SecuredEndpoint without what users write (``spec``, kubectl's copy of it): a test may put a secret in a
+    spec on purpose (a password in a tokenUrl) to check that the operator repeats it nowhere."""
+    metadata = {key: value for key, value in (endpoint.get("metadata") or {}).items() if key != "managedFields"}
+    annotations = dict(metadata.get("annotations") or {})
+    annotations.pop("kubectl.kubernetes.io/last-applied-configuration", None)
+    return {"metadata": {**metadata, "annotations": annotations}, "status": endpoint.get("status")}
 
 
 @dataclass
@@ -184,7 +245,12 @@ class OperatorProcess:
 
     def start(self, *, wait: bool = True) -> None:
         """Start the process; with ``wait``, until it says it has started (or exits, failing the test)."""
-        environment = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
+        if not any(known is self for known in RECORD.operators):
+            RECORD.operators.append(self)  # the leak scan reads every operator's log, whoever started it
+        RECORD.secrets.update(kubeconfig_tokens(self.kubeconfig))
+        # a Lease of its own (unless the test names one): test operators serve different namespaces side by side
+        lease = {"SEP_LEASE_NAME": f"sep-test-{uuid.uuid4().hex[:10]}", "SEP_LEASE_NAMESPACE": "default"}
+        environment = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **lease, **self.env}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "secured_endpoint.cli", "run", *self.scope, "--verbose"],
@@ -200,6 +266,8 @@ class OperatorProcess:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        if (scrape := self.metrics()) is not None:
+            RECORD.snapshots.append((f"/metrics of {self.log_path} at stop", scrape))
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=15)
@@ -214,6 +282,57 @@ class OperatorProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def serves(self, namespace: str, server: str) -> bool:
+        """Is this operator running against ``server`` with ``namespace`` in its scope?"""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        try:
+            config = yaml.safe_load(self.kubeconfig.read_text())
+            if {cluster["cluster"]["server"] for cluster in config["clusters"]} != {server}:
+                return False
+        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            return False
+        if "--all-namespaces" in self.scope or "-A" in self.scope:
+            return True
+        patterns = [self.scope[i + 1] for i, arg in enumerate(self.scope[:-1]) if arg in ("--namespace", "-n")]
+        return any(fnmatch.fnmatchcase(namespace, pattern) for pattern in patterns)
+
+    def metrics(self) -> str | None:
+        """What ``/metrics`` says, when this operator serves it and runs."""
+        port = int(self.env.get("SEP_METRICS_PORT") or 0)
+        if not port or self.process is None or self.process.poll() is not None:
+            return None
+        address = self.env.get("SEP_METRICS_ADDRESS") or "127.0.0.1"
+        host = "127.0.0.1" if address in ("0.0.0.0", "::", "") else address
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+                return str(response.read().decode(errors="replace"))
+        except OSError:
+            return None
+
+
+def kubeconfig_tokens(path: Path) -> set[str]:
+    """The bearer tokens in a kubeconfig: credentials the operator must not repeat either."""
+    try:
+        config = yaml.safe_load(path.read_text())
+        return {str(user["user"]["token"]) for user in config.get("users") or () if user["user"].get("token")}
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        return set()
+
+
+@dataclass
+class SessionRecord:
+    """What the leak scan reads besides what is left in the cluster when it runs (see the module docstring)."""
+
+    secrets: set[str] = field(default_factory=set)
+    client_ids: dict[str, str] = field(default_factory=dict)  # a client secret -> its client id
+    operators: list[OperatorProcess] = field(default_factory=list)
+    snapshots: list[tuple[str, str]] = field(default_factory=list)  # (what, text)
+    channel_messages: list[str] = field(default_factory=list)  # "<channel> <message>" on the session Redis
+
+
+RECORD = SessionRecord()
+
 
 TEST_OPERATOR_ENV = {
     "SEP_STARTUP_SPREAD_SECONDS": "0",
@@ -225,8 +344,9 @@ TEST_OPERATOR_ENV = {
 
 @pytest.fixture(scope="session")
 def operator_processes() -> list[OperatorProcess]:
-    """Every operator the session started (the leak scan reads all their logs)."""
-    return []
+    """Every operator the session started (the leak scan reads all their logs); ``OperatorProcess.start``
+    puts each in, so appending one is optional."""
+    return RECORD.operators
 
 
 def _operator(control_plane: controlplane.ControlPlane, log_path: Path, processes: list[OperatorProcess], *,
@@ -271,8 +391,50 @@ class RedisAccess:
 def redis_access(secret_values: set[str]) -> Iterator[RedisAccess]:
     password = f"redis-{uuid.uuid4().hex}"
     secret_values.add(password)
-    with RedisServer(acl_user=("sep-operator", password), tls=True) as server:
-        yield RedisAccess(server=server, username="sep-operator", password=password, db=3, prefix="sep-test")
+    # strict, so that a client that ignores the username, the password or the certificate fails
+    with RedisServer(acl_user=("sep-operator", password), disable_default_user=True, tls=True,
+                     tls_client_auth="yes") as server:
+        secret_values.update(pem_secrets(server.client_key_path.read_text()))
+        access = RedisAccess(server=server, username="sep-operator", password=password, db=3, prefix="sep-test")
+        recorder = ChannelRecorder(access, RECORD.channel_messages)
+        recorder.start()
+        try:
+            yield access
+        finally:
+            recorder.stop()
+
+
+def pem_secrets(pem: str) -> set[str]:
+    """The lines of a PEM private key's body: what a leak of it would show."""
+    return {line.strip() for line in pem.splitlines() if line.strip() and not line.startswith("-----")}
+
+
+class ChannelRecorder(threading.Thread):
+    """Keeps every message published on the session Redis (pattern ``*``: ``<prefix>:updated``,
+    ``<prefix>:refresh``, …), reconnecting after an outage, for the leak scan."""
+
+    def __init__(self, access: RedisAccess, into: list[str]) -> None:
+        super().__init__(name="redis-channel-recorder", daemon=True)
+        self.access, self.into = access, into
+        self.subscribed = threading.Event()
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                with self.access.client() as client, client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    pubsub.psubscribe("*")
+                    while not self._stopped.is_set():
+                        message = pubsub.get_message(timeout=0.2)
+                        self.subscribed.set()
+                        if message is not None:
+                            self.into.append(f"{message['channel']} {message['data']}")
+            except (redis.RedisError, OSError):
+                self._stopped.wait(0.2)  # Redis is down (a test's outage): subscribe again when it is back
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=5)
 
 
 @pytest.fixture(scope="session")
@@ -302,7 +464,7 @@ def redis_operator_env(redis_access: RedisAccess, workdir: Path) -> dict[str, st
 @pytest.fixture(scope="session")
 def secret_values() -> set[str]:
     """Every secret value the session handed out or saw issued; the leak scan looks for each."""
-    return set()
+    return RECORD.secrets
 
 
 def _token_server(secret_values: set[str], *, tls: bool) -> Iterator[TokenServer]:
@@ -344,6 +506,7 @@ class Setup:
         self.kube.create_secret(self.namespace, secret_name,
                                 {"client_id": client_id, "client_secret": client_secret})
         self.secret_values.add(client_secret)
+        RECORD.client_ids[client_secret] = client_id  # the scan also looks for Basic base64(id:secret)
         return client_id, client_secret
 
     def user(self, server: TokenServer, *, secret_name: str = "user") -> tuple[str, str]:

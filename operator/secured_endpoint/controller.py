@@ -60,6 +60,9 @@ class Controller:
     rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
+        # Only the leader plans, refreshes and writes; a follower keeps its picture current so that it can take
+        # over without a relist. Without leader election the one replica leads from the start.
+        self.leading = False
         self.registry = Registry(self.targets)
         self.refresher = Refresher(self.client, self.token_client, self.clock, self.rng)
         self.publisher = StatusPublisher(self.client, self.settings.event_component)
@@ -67,11 +70,20 @@ class Controller:
             self._reconcile_or_retry, concurrency=self.settings.refresh_concurrency, name="refresh",
             clock=lambda: self.clock().timestamp())
 
-    async def start(self) -> None:
+    async def start_leading(self) -> None:
+        """Take over: plan every endpoint from the status its last leader wrote (overdue work spread out)."""
+        self.leading = True
+        for endpoint in self.registry:
+            endpoint.runtime.first_sight = True
+            if self._target_lost(endpoint):
+                endpoint.runtime.targets_dirty = True
+            self._plan(endpoint, startup=True)
         await self.scheduler.start()
 
-    async def stop(self) -> None:
-        await self.scheduler.stop()
+    async def stop_leading(self, *, grace_period: float = 3.0) -> None:
+        """Stop writing: no new job starts; those running get ``grace_period`` to finish, then are cancelled."""
+        self.leading = False
+        await self.scheduler.stop(grace_period=grace_period)
 
     # -- intake: cheap bookkeeping, then a due time for the scheduler --------------------------------
 
@@ -81,11 +93,11 @@ class Controller:
         if event_type == "DELETED":
             self.forget((meta["namespace"], meta["name"]))
             return
-        endpoint = self.registry.observe(body)
-        if endpoint.runtime.first_sight and self._target_lost(endpoint):
+        endpoint = self.registry.observe(body, adopt_status=not self.leading)
+        metrics.ENDPOINTS.set(len(self.registry))
+        if self.leading and endpoint.runtime.first_sight and self._target_lost(endpoint):
             endpoint.runtime.targets_dirty = True
         self._plan(endpoint, startup=event_type is None)
-        metrics.ENDPOINTS.set(len(self.registry))
 
     def forget(self, key: Key) -> None:
         self.scheduler.cancel(key)
@@ -157,6 +169,8 @@ class Controller:
         return policy.Inputs(endpoint.spec.token_config_hash(), versions)
 
     def _plan(self, endpoint: Endpoint, *, startup: bool) -> None:
+        if not self.leading:
+            return
         now = self.clock()
         due = policy.next_due(self._situation(endpoint, now))
         if due is None:

@@ -106,6 +106,15 @@ class Endpoint:
         return self.recorded.expires_at
 
 
+def adopt(endpoint: Endpoint, raw_status: Mapping[str, Any] | None) -> None:
+    """Carry on from ``raw_status`` (written by this or another replica): the due times and backoff it records;
+    the token itself is read back from the targets when it is needed."""
+    recorded = EndpointStatus.from_json(raw_status)
+    endpoint.recorded, endpoint.stored = recorded, dict(raw_status or {})
+    endpoint.runtime = Runtime(failures=recorded.consecutive_failures, refresh_at=recorded.next_refresh_time,
+                               first_sight=endpoint.runtime.first_sight)
+
+
 class Registry:
     """Every endpoint this replica knows, by key, with the reverse lookups watch events need."""
 
@@ -124,8 +133,12 @@ class Registry:
     def get(self, key: Key) -> Endpoint | None:
         return self._endpoints.get(key)
 
-    def observe(self, body: Mapping[str, Any]) -> Endpoint:
-        """Take in a listed, added or modified object; a new uid (deleted and re-created) starts afresh."""
+    def observe(self, body: Mapping[str, Any], *, adopt_status: bool = False) -> Endpoint:
+        """Take in a listed, added or modified object; a new uid (deleted and re-created) starts afresh.
+
+        The status is taken from the object when it is first seen, and with ``adopt_status`` every time: a
+        replica that does not lead writes nothing, so the leader's status is the truth it must carry on from
+        when it takes over; the leader's own view is ahead of the watch's echo of its writes."""
         meta = body.get("metadata") or {}
         key: Key = (str(meta["namespace"]), str(meta["name"]))
         desired = Desired.from_body(body)
@@ -133,12 +146,12 @@ class Registry:
         if endpoint is None or endpoint.desired.uid != desired.uid:
             if endpoint is not None:
                 self._unindex(endpoint)
-            recorded = EndpointStatus.from_json(body.get("status"))
-            endpoint = Endpoint(namespace=key[0], name=key[1], desired=desired, recorded=recorded,
-                                stored=dict(body.get("status") or {}),
-                                runtime=Runtime(failures=recorded.consecutive_failures,
-                                                refresh_at=recorded.next_refresh_time))
+            endpoint = Endpoint(namespace=key[0], name=key[1], desired=desired, recorded=EndpointStatus(),
+                                stored={})
             self._endpoints[key] = endpoint
+            adopt_status = True
+        if adopt_status:
+            adopt(endpoint, body.get("status"))
         endpoint.desired = desired
         self._index(endpoint)
         return endpoint

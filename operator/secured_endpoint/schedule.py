@@ -374,6 +374,7 @@ class Scheduler(Generic[K]):
         "_sequence",
         "_stopping",
         "_tasks",
+        "_turned_at",
         "_wakeup",
     )
 
@@ -416,6 +417,7 @@ class Scheduler(Generic[K]):
         self._progress = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._turned_at: float | None = None
 
     # ----- scheduling ---------------------------------------------------------------------------------------
 
@@ -555,8 +557,15 @@ class Scheduler(Generic[K]):
 
     # ----- the loop and the jobs ----------------------------------------------------------------------------
 
+    @property
+    def turned_at(self) -> float | None:
+        """When the loop last turned (the event loop's monotonic clock); None before it started. It turns at
+        least every ``max_sleep`` seconds while running, so a much older value means it is stuck."""
+        return self._turned_at
+
     async def _loop(self) -> None:
         while True:
+            self._turned_at = asyncio.get_running_loop().time()
             self._start_due_jobs()
             self._wakeup.clear()
             if len(self._running) >= self._concurrency:

@@ -225,6 +225,9 @@ class OperatorSettings(_Settings):
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
 
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the ``/livez`` and ``/readyz`` probes (the manifests use 8081); 0 disables them."""
+
     event_component: str = "secured-endpoint-operator"
     """The ``source.component`` of the Events the operator posts."""
 

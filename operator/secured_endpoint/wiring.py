@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
-from collections.abc import Awaitable, Callable, Iterable
+import signal
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
 
-from secured_endpoint import api, kube, metrics, schedule, sources, tokens
+from secured_endpoint import api, kube, leader, metrics, schedule, sources, tokens
 from secured_endpoint.controller import Controller
+from secured_endpoint.duties import LeaderDuties
+from secured_endpoint.health import Check, HealthServer
 from secured_endpoint.settings import OperatorSettings, RedisSettings
 from secured_endpoint.targets.base import Target
 from secured_endpoint.targets.redis import RedisTarget, UnconfiguredRedis
@@ -79,18 +81,27 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     memo.update(controller=controller, cache=cache, view=view, redis=redis)
     if operator_settings.source_label_selector:
         logger.info("Watching only the Secrets and ConfigMaps labelled %s.", operator_settings.source_label_selector)
-    await controller.start()
     await cache.start()
     if not clusterwide and not exact:
         scope = sources.NamespaceScope(client, cache, patterns)
         memo["namespace_scope"] = scope
         await scope.start()
-    if redis is not None:
-        memo["redis_tasks"] = [
-            asyncio.create_task(_serve_refresh_requests(controller, redis), name="redis refresh requests"),
-            asyncio.create_task(redis.watch_availability(_on_redis_restored(controller)),
-                                name="redis availability"),
-        ]
+    duties = LeaderDuties(controller, redis)
+    memo["duties"] = duties
+    if operator_settings.leader_election:
+        elector = leader.LeaderElector.from_settings(client, operator_settings, on_started_leading=duties.start,
+                                                     on_stopped_leading=duties.stop)
+        memo["elector"] = elector
+        memo["election"] = asyncio.create_task(elector.run(), name="leader election")
+        memo["election"].add_done_callback(_election_ended)
+    else:
+        await duties.start()
+    if operator_settings.health_port:
+        health = HealthServer(live=_live_checks(controller),
+                              ready=_ready_checks(controller, cache, memo.get("elector")),
+                              port=operator_settings.health_port)
+        await health.start()
+        memo["health"] = health
     metrics.serve(operator_settings.metrics_port)
     logger.info("secured-endpoint-operator started.")
 
@@ -119,16 +130,18 @@ class _UnservedWatch(logging.Handler):
     :func:`_until_served`: the apiserver blinked in between) and stops the operator, which then exits non-zero
     so that the Pod is restarted, rather than running on healthy-looking and serving nothing."""
 
-    def __init__(self, stop_flag: threading.Event) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.stop_flag = stop_flag
         self.tripped = False
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if message.startswith("Unresolved resources cannot be served") and api.PLURAL in message:
+        if message.startswith("Unresolved resources cannot be served") and api.PLURAL in message \
+                and not self.tripped:
             self.tripped = True
-            self.stop_flag.set()
+            # kopf's own graceful stop, as for a SIGTERM (a stop flag other than an asyncio one would be waited
+            # for in a thread that nothing wakes at a real SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
 
 
 def configure_watches(settings: kopf.OperatorSettings, *, clusterwide: bool, namespaces: Iterable[str]) -> None:
@@ -150,16 +163,18 @@ def _exact_namespace(pattern: str) -> bool:
 
 @kopf.on.cleanup(registry=registry)
 async def stop(*, memo: kopf.Memo, **_: Any) -> None:
-    for watcher in (memo.get("namespace_scope"), memo.get("cache")):
+    # SIGTERM: stop writing first and hand the Lease over (a follower takes over within a retry period)
+    elector: leader.LeaderElector | None = memo.get("elector")
+    if elector is not None:
+        await elector.stop()
+    duties: LeaderDuties | None = memo.get("duties")
+    if duties is not None:
+        await duties.stop()
+    for watcher in (memo.get("namespace_scope"), memo.get("cache"), memo.get("health")):
         if watcher is not None:
             await watcher.stop()
-    tasks = memo.get("redis_tasks", [])
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)  # finished before their connection closes
     controller: Controller | None = memo.get("controller")
     if controller is not None:
-        await controller.stop()
         await controller.token_client.aclose()
         await controller.client.aclose()
     redis: RedisTarget | None = memo.get("redis")
@@ -167,17 +182,43 @@ async def stop(*, memo: kopf.Memo, **_: Any) -> None:
         await redis.aclose()
 
 
-async def _serve_refresh_requests(controller: Controller, redis: RedisTarget) -> None:
-    """Gateways that saw a 401 ask here (docs/contract.md §4); the controller decides whether it is still news."""
-    async for namespace, name, fingerprint in redis.refresh_requests():
-        if controller.request_refresh((namespace, name), fingerprint):
-            logger.info("Refresh of %s/%s requested by a gateway.", namespace, name)
+# The scheduler's loop wakes at least every MAX_SLEEP_SECONDS; three times that without a turn is a stuck loop.
+_STUCK_AFTER = 3 * schedule.MAX_SLEEP_SECONDS
 
 
-def _on_redis_restored(controller: Controller) -> Callable[[], Awaitable[None]]:
-    async def restored() -> None:
-        controller.rewrite_all(RedisTarget.kind)
-    return restored
+def _live_checks(controller: Controller) -> dict[str, Check]:
+    def scheduler() -> tuple[bool, str]:
+        if not controller.leading:
+            return True, "not leading: nothing to schedule"
+        turned = controller.scheduler.turned_at
+        if turned is None:
+            return True, "starting"
+        idle = asyncio.get_running_loop().time() - turned
+        return idle < _STUCK_AFTER, f"turned {idle:.1f} s ago"
+    return {"event loop": lambda: (True, "answering"), "scheduler": scheduler}
+
+
+def _ready_checks(controller: Controller, cache: sources.MetadataCache,
+                  elector: leader.LeaderElector | None) -> dict[str, Check]:
+    def watches() -> tuple[bool, str]:
+        if not cache.synced.is_set():
+            return False, "listing the Secrets and ConfigMaps in scope"
+        problems = cache.problems()
+        return True, "; ".join(f"{watch}: {error}" for watch, error in problems.items()) or "listed"
+
+    def role() -> tuple[bool, str]:
+        if controller.leading:
+            return True, "leader"
+        if elector is not None and elector.leader is not None:
+            return True, f"following {elector.leader}, ready to take over"
+        return False, "has not seen the Lease yet"
+    return {"watches": watches, "role": role}
+
+
+def _election_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.critical("Leader election stopped: %s; this replica will not lead again until restarted.",
+                        type(task.exception()).__name__)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
@@ -215,12 +256,11 @@ def run(settings: OperatorSettings, redis_settings: RedisSettings, *, all_namesp
     scope = list(namespaces)
     memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=kubeconfig,
                      clusterwide=all_namespaces, namespaces=tuple(scope))
-    stop_flag = threading.Event()
-    unserved = _UnservedWatch(stop_flag)
+    unserved = _UnservedWatch()
     logging.getLogger("kopf").addHandler(unserved)
     try:
         kopf.run(registry=registry, clusterwide=all_namespaces, namespaces=scope, standalone=True,
-                 liveness_endpoint=liveness, memo=memo, stop_flag=stop_flag)
+                 liveness_endpoint=liveness, memo=memo)
     finally:
         logging.getLogger("kopf").removeHandler(unserved)
     if unserved.tripped:

@@ -80,11 +80,15 @@ def namespaces(kube: Kube) -> Iterator[list[str]]:
 
 
 def _operator(control_plane: ControlPlane, tmp_path: Path, processes: list[OperatorProcess], *,
-              scope: tuple[str, ...], kubeconfig: Path | None = None,
+              scope: tuple[str, ...], kubeconfig: Path | None = None, lease_namespace: str | None = None,
               env: dict[str, str] | None = None) -> OperatorProcess:
+    """An operator process; one running as a ServiceAccount (``kubeconfig``) takes the Lease the manifests'
+    Role allows it (its name, in ``lease_namespace``, where the test applied that Role)."""
+    lease = {} if lease_namespace is None else {"SEP_LEASE_NAME": "secured-endpoint-operator",
+                                                "SEP_LEASE_NAMESPACE": lease_namespace}
     process = OperatorProcess(kubeconfig=kubeconfig or control_plane.kubeconfig_path,
                               log_path=tmp_path / f"operator-{uuid.uuid4().hex[:6]}.log", scope=scope,
-                              env={**TEST_OPERATOR_ENV, **(env or {})})
+                              env={**TEST_OPERATOR_ENV, **lease, **(env or {})})
     processes.append(process)
     process.start()
     return process
@@ -172,7 +176,7 @@ def test_namespaced_install_needs_only_roles(control_plane: ControlPlane, kube: 
     assert not _can(control_plane, account, "list", "namespaces")
 
     operator = _operator(control_plane, tmp_path, operator_processes, scope=("--namespace", watched),
-                         kubeconfig=kubeconfig)
+                         kubeconfig=kubeconfig, lease_namespace=watched)
     inside, outside = Setup(kube, watched, secret_values), Setup(kube, other, secret_values)
     inside.client(token_server)
     outside.client(token_server)
@@ -213,7 +217,7 @@ def test_namespace_patterns_need_namespace_reads(control_plane: ControlPlane, ku
     _apply(control_plane, documents)
     try:
         operator = _operator(control_plane, tmp_path, operator_processes, scope=("--namespace", f"{watched}*"),
-                             kubeconfig=kubeconfig)
+                             kubeconfig=kubeconfig, lease_namespace=watched)
         setup = Setup(kube, watched, secret_values)
         setup.client(token_server)
         setup.endpoint("by-pattern", token_server)
@@ -463,7 +467,7 @@ def test_a_missing_get_permission_is_named_not_taken_for_a_missing_secret(
                                              tmp_path / "sa.kubeconfig")
     _apply(control_plane, documents)
     operator = _operator(control_plane, tmp_path, operator_processes, scope=("--namespace", watched),
-                         kubeconfig=kubeconfig)
+                         kubeconfig=kubeconfig, lease_namespace=watched)
     setup = Setup(kube, watched, secret_values)
     setup.client(token_server)
     setup.endpoint("forbidden", token_server)
