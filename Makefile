@@ -52,3 +52,9 @@ control-plane: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
+
+# The operator's image without a registry: a Debian base made with mmdebstrap, the Dockerfile built on it with
+# podman, an archive for containerd; all cached in ~/.cache/secured-endpoint-operator/image (see the script).
+.PHONY: image
+image:
+	devenv/build-image.sh
