@@ -68,7 +68,7 @@ class Controller:
         self.publisher = StatusPublisher(self.client, self.settings.event_component)
         self.scheduler: schedule.Scheduler[Key] = schedule.Scheduler(
             self._reconcile_or_retry, concurrency=self.settings.refresh_concurrency, name="refresh",
-            clock=lambda: self.clock().timestamp())
+            clock=lambda: self.clock().timestamp(), on_lag=metrics.observe_queue_lag)
 
     async def start_leading(self) -> None:
         """Take over: plan every endpoint from the status its last leader wrote (overdue work spread out)."""
@@ -95,6 +95,8 @@ class Controller:
             return
         endpoint = self.registry.observe(body, adopt_status=not self.leading)
         metrics.ENDPOINTS.set(len(self.registry))
+        if not self.leading or endpoint.runtime.first_sight:  # the leader's own writes are counted as published
+            metrics.default.observe_status(endpoint.namespace, endpoint.name, endpoint.recorded)
         if self.leading and endpoint.runtime.first_sight and self._target_lost(endpoint):
             endpoint.runtime.targets_dirty = True
         self._plan(endpoint, startup=event_type is None)
@@ -274,7 +276,8 @@ class Controller:
                 credentials_retry=timedelta(seconds=self.settings.credentials_retry_seconds), rng=self.rng)
             endpoint.recorded = dataclasses.replace(endpoint.recorded, last_refresh_request=handled_request)
             await self._report_failure(endpoint, result.reason, result.message, now=now,
-                                       next_action=runtime.refresh_at)
+                                       next_action=runtime.refresh_at,
+                                       needs_change=policy.needs_change(result.kind, permanent=result.permanent))
             return None
         if result.refresh_token is not None:
             runtime.refresh_token = result.refresh_token
@@ -321,6 +324,7 @@ class Controller:
                     await target.write(endpoint.owner, endpoint.spec, new, token)
                 except TargetError as exc:
                     failures.append(str(exc))
+                    metrics.observe_target_write_error(target.kind)
                     continue  # the old location may be all gateways have: it stays
                 placed[target.kind] = {target.location_field: new}
                 wrote = True
@@ -350,8 +354,8 @@ class Controller:
         if hint:
             message = f"{message}; {hint}"
         wanted = dataclasses.replace(endpoint.recorded, consecutive_failures=0, next_refresh_time=refresh_at)
-        await self._publish(endpoint, wanted.with_ready(ready=True, reason=reason, message=message,
-                                                        generation=endpoint.desired.generation, now=now))
+        await self._publish(endpoint, status.with_health(wanted, ready=True, reason=reason, message=message,
+                                                         generation=endpoint.desired.generation, now=now))
         # keep_earlier: an event that came in during this run (a rotated Secret) still gets its rerun
         self.scheduler.schedule(endpoint.key, refresh_at.timestamp(), keep_earlier=True)
 
@@ -367,27 +371,28 @@ class Controller:
     # -- failure, suspension, deletion ---------------------------------------------------------------
 
     async def _report_failure(self, endpoint: Endpoint, reason: api.Reason, message: str, *, now: datetime,
-                              next_action: datetime | None) -> None:
+                              next_action: datetime | None, needs_change: bool = False) -> None:
         if next_action is not None:
             self.scheduler.schedule(endpoint.key, next_action.timestamp(), keep_earlier=True)
         wanted = dataclasses.replace(endpoint.recorded, consecutive_failures=endpoint.runtime.failures,
                                      last_failure_time=now, next_refresh_time=next_action)
-        await self._publish(endpoint, wanted.with_ready(
-            ready=False, reason=reason, message=f"{message}; {status.still_usable(endpoint.served_until, now)}",
-            generation=endpoint.desired.generation, now=now))
+        await self._publish(endpoint, status.with_health(
+            wanted, ready=False, reason=reason,
+            message=f"{message}; {status.still_usable(endpoint.served_until, now)}",
+            generation=endpoint.desired.generation, now=now, needs_change=needs_change, retry_at=next_action))
 
     async def _report_invalid_spec(self, endpoint: Endpoint, now: datetime) -> None:
         """A failure no retry can mend: report it once, wait for a change of the spec."""
         endpoint.runtime.failures += 1
         self.scheduler.cancel(endpoint.key)
         await self._report_failure(endpoint, api.Reason.INVALID_SPEC, endpoint.desired.spec_error or "invalid spec",
-                                   now=now, next_action=None)
+                                   now=now, next_action=None, needs_change=True)
 
     async def _suspend(self, endpoint: Endpoint, now: datetime) -> None:
         self.scheduler.cancel(endpoint.key)
         wanted = dataclasses.replace(endpoint.recorded, next_refresh_time=None)
-        await self._publish(endpoint, wanted.with_ready(
-            ready=False, reason=api.Reason.SUSPENDED,
+        await self._publish(endpoint, status.with_health(
+            wanted, ready=False, reason=api.Reason.SUSPENDED,
             message=f"spec.suspend is true: no token is requested; {status.still_usable(endpoint.served_until, now)}",
             generation=endpoint.desired.generation, now=now))
 

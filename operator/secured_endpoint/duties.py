@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from secured_endpoint import metrics
 from secured_endpoint.controller import Controller
 from secured_endpoint.targets.redis import RedisTarget
 
@@ -33,6 +34,7 @@ class LeaderDuties:
             return
         logger.info("Leading: refreshing the tokens of %d endpoints.", len(self.controller.registry))
         await self.controller.start_leading()
+        metrics.set_leader(True)
         if self.redis is not None:
             self._tasks = [
                 asyncio.create_task(self._serve_refresh_requests(self.redis), name="redis refresh requests"),
@@ -47,6 +49,7 @@ class LeaderDuties:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # finished before their connection closes
         await self.controller.stop_leading()
+        metrics.set_leader(False)
         logger.info("Not leading any more: no refresh and no write from this replica.")
 
     async def _serve_refresh_requests(self, redis: RedisTarget) -> None:

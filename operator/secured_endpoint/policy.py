@@ -178,6 +178,12 @@ class FailureKind(enum.Enum):
     UNEXPECTED = "unexpected"  # a bug or an unclassified library error
 
 
+def needs_change(kind: FailureKind, *, permanent: bool) -> bool:
+    """Can only a change mend this failure (kstatus ``Stalled``), rather than a retry (``Reconciling``)? A missing
+    or unusable Secret, refused credentials, a permanent OAuth error."""
+    return kind is FailureKind.CREDENTIALS or (kind is FailureKind.TOKEN and permanent)
+
+
 def failure_retry(*, kind: FailureKind, now: datetime, failures: int, permanent: bool,
                   retry_after_seconds: float | None, served_until: datetime | None,
                   credentials_retry: timedelta, rng: random.Random) -> datetime:

@@ -188,7 +188,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_LEADER_ELECTION_JITTER = 1.2  # client-go's JitterFactor: a retry waits up to 1.2 retry periods
+_LEADER_ELECTION_JITTER = 1.2  # client-go's JitterFactor: a follower waits 1 to 2.2 retry periods
 
 
 class OperatorSettings(_Settings):
@@ -257,7 +257,7 @@ class OperatorSettings(_Settings):
     """How long the leader keeps failing to renew before it stops acting as the leader."""
 
     retry_period_seconds: float = Field(default=2.0, gt=0, le=3600)
-    """Time between two attempts to acquire or renew the Lease (client-go adds up to 20 % jitter)."""
+    """Time between two renewals of the Lease; a follower tries every 1 to 2.2 of these (client-go's jitter)."""
 
     @field_validator("source_label_selector")
     @classmethod

@@ -88,9 +88,15 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
         await scope.start()
     duties = LeaderDuties(controller, redis)
     memo["duties"] = duties
+    if redis is not None:
+        metrics.watch_redis(lambda: redis.available)
     if operator_settings.leader_election:
-        elector = leader.LeaderElector.from_settings(client, operator_settings, on_started_leading=duties.start,
-                                                     on_stopped_leading=duties.stop)
+        metrics.set_leader(False)
+        # a client of its own: a renewal never waits behind a burst of refresh writes
+        election_client = kube.KubeClient(credentials, max_in_flight=2)
+        memo["election_client"] = election_client
+        elector = leader.LeaderElector.from_settings(election_client, operator_settings,
+                                                     on_started_leading=duties.start, on_stopped_leading=duties.stop)
         memo["elector"] = elector
         memo["election"] = asyncio.create_task(elector.run(), name="leader election")
         memo["election"].add_done_callback(_election_ended)
@@ -163,7 +169,7 @@ def _exact_namespace(pattern: str) -> bool:
 
 @kopf.on.cleanup(registry=registry)
 async def stop(*, memo: kopf.Memo, **_: Any) -> None:
-    # SIGTERM: stop writing first and hand the Lease over (a follower takes over within a retry period)
+    # SIGTERM: stop writing first, then hand the Lease over (a follower takes over at its next try)
     elector: leader.LeaderElector | None = memo.get("elector")
     if elector is not None:
         await elector.stop()
@@ -177,6 +183,9 @@ async def stop(*, memo: kopf.Memo, **_: Any) -> None:
     if controller is not None:
         await controller.token_client.aclose()
         await controller.client.aclose()
+    election_client: kube.KubeClient | None = memo.get("election_client")
+    if election_client is not None:
+        await election_client.aclose()
     redis: RedisTarget | None = memo.get("redis")
     if redis is not None:
         await redis.aclose()

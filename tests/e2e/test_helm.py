@@ -131,7 +131,8 @@ def test_namespaced_mode(helm_binary: None) -> None:
     for wanted in once:
         assert _strip_helm_labels(chart[(wanted["kind"], wanted["metadata"]["namespace"],
                                          wanted["metadata"]["name"])]) == wanted
-    assert len(chart) == 2 * len(per_namespace) + len(once) + 3, sorted(chart)  # + CRD, ServiceAccount, Deployment
+    # + CRD, ServiceAccount, Deployment, PodDisruptionBudget
+    assert len(chart) == 2 * len(per_namespace) + len(once) + 4, sorted(chart)
     (deployment,) = [doc for key, doc in chart.items() if key[0] == "Deployment"]
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[2:4] == ["--namespace=team-a", "--namespace=team-b"]
@@ -169,7 +170,8 @@ def test_options(helm_binary: None) -> None:
     objects = by_key(docs)
     container = _container(docs)
     env = {entry["name"]: entry.get("value") for entry in container["env"]}
-    assert env == {"PYTHONUNBUFFERED": "1", "SEP_METRICS_PORT": "9100", "SEP_REDIS_HOST": "redis.redis",
+    assert env == {"PYTHONUNBUFFERED": "1", "SEP_HEALTH_PORT": "8081", "POD_NAME": None,
+                   "SEP_METRICS_PORT": "9100", "SEP_REDIS_HOST": "redis.redis",
                    "SEP_REDIS_PORT": "6380", "SEP_REDIS_USERNAME": "sep", "SEP_REDIS_TLS": "true",
                    "SEP_REDIS_PASSWORD_FILE": "/etc/secured-endpoint/redis/password",
                    "SEP_REDIS_CA_FILE": "/etc/secured-endpoint/redis/ca.crt", "SEP_REFRESH_CONCURRENCY": "64",
@@ -199,7 +201,9 @@ def _exists(kube: Kube, key: Key) -> bool:
     kind, ns, name = key
     rbac = k8s.RbacAuthorizationV1Api(kube.core.api_client)
     apps = k8s.AppsV1Api(kube.core.api_client)
-    read = {"ServiceAccount": lambda: kube.core.read_namespaced_service_account(name, ns),
+    policy = k8s.PolicyV1Api(kube.core.api_client)
+    read = {"PodDisruptionBudget": lambda: policy.read_namespaced_pod_disruption_budget(name, ns),
+            "ServiceAccount": lambda: kube.core.read_namespaced_service_account(name, ns),
             "Deployment": lambda: apps.read_namespaced_deployment(name, ns),
             "Role": lambda: rbac.read_namespaced_role(name, ns),
             "RoleBinding": lambda: rbac.read_namespaced_role_binding(name, ns),
