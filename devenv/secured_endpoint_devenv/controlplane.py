@@ -464,8 +464,15 @@ class ControlPlane:
         *,
         ready_timeout: float = 60.0,
         progress: Progress = print,
+        extra_apiserver_args: Sequence[str] = (),
+        service_account_admission: bool = False,
     ) -> None:
+        """``extra_apiserver_args`` are appended to kube-apiserver's flags; ``service_account_admission`` keeps
+        the ServiceAccount admission plugin (Pods get their token volume), which only a control plane with a
+        controller-manager wants: without one no ``default`` ServiceAccount exists and Pods are refused."""
         self._binaries = binaries
+        self._extra_apiserver_args = list(extra_apiserver_args)
+        self._service_account_admission = service_account_admission
         self.ready_timeout = ready_timeout
         self._progress = progress
         self._workdir: Path | None = None
@@ -501,6 +508,11 @@ class ControlPlane:
     @property
     def ca_path(self) -> Path:
         return self.workdir / "ca.crt"
+
+    @property
+    def service_account_key_path(self) -> Path:
+        """The RSA key the apiserver signs and verifies service-account tokens with."""
+        return self.workdir / "sa.key"
 
     @property
     def etcd_log_path(self) -> Path:
@@ -670,7 +682,7 @@ class ControlPlane:
 
     def _start_apiserver(self, bins: Binaries) -> None:
         work = self.workdir
-        sa_key = work / "sa.key"
+        sa_key = self.service_account_key_path
         _write_rsa_key(sa_key)
         tokens = work / "tokens.csv"
         tokens.write_text(f'{self.admin_token},{self.ADMIN_USER},{self.ADMIN_USER},"system:masters"\n')
@@ -691,8 +703,10 @@ class ControlPlane:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
-                "--disable-admission-plugins=ServiceAccount",  # pods need no SA tokens (envtest-like)
+                # pods need no SA tokens (envtest-like), unless a controller-manager makes ServiceAccounts
+                *(() if self._service_account_admission else ("--disable-admission-plugins=ServiceAccount",)),
                 "--profiling=false",
+                *self._extra_apiserver_args,
         ]
         self._spawn("kube-apiserver", self._apiserver_cmd, self.apiserver_log_path)
 
