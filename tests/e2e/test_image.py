@@ -11,9 +11,9 @@ Cases:
   no pip cache, no pip, no build leftovers; a .pyc beside every module of the virtualenv, and every module the
   operator imports at start is read from one (nothing to compile or write at run time);
 - the real proof, with the host network against the test control plane and a token server on loopback:
-  ``run --namespace NS`` gives a SecuredEndpoint in NS its token Secret and answers kopf's liveness probe,
-  deleting the endpoint removes the Secret and releases the finalizer, SIGTERM stops it at once, and its log
-  holds no secret.
+  ``run --namespace NS`` takes its Lease, gives a SecuredEndpoint in NS its token Secret and answers kopf's
+  liveness probe; deleting the endpoint removes the Secret and releases the finalizer; SIGTERM stops it at
+  once (exit 0) and releases the Lease; its log holds no secret.
 
 Skipped, saying why, only when podman cannot run here at all (not root, podman missing and not installable,
 ``podman info`` failing); SEP_REQUIRE_IMAGE_TESTS=1 makes that a failure instead.
@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import client as k8s
 
 from secured_endpoint import __version__
 from secured_endpoint_devenv import controlplane
@@ -242,9 +243,14 @@ def test_the_operator_in_the_image_serves_a_namespace(
     kubeconfig.chmod(0o400)
     RECORD.secrets.update(kubeconfig_tokens(kubeconfig))
     liveness = _free_port()
-    environment = {**TEST_OPERATOR_ENV, "KUBECONFIG": "/etc/secured-endpoint/kubeconfig",
-                   "SEP_LEASE_NAME": f"sep-image-{uuid.uuid4().hex[:10]}", "SEP_LEASE_NAMESPACE": "default"}
     name = f"sep-image-test-{uuid.uuid4().hex[:8]}"
+    lease = f"sep-image-{uuid.uuid4().hex[:10]}"
+    environment = {**TEST_OPERATOR_ENV, "KUBECONFIG": "/etc/secured-endpoint/kubeconfig", "POD_NAME": name,
+                   "SEP_LEASE_NAME": lease, "SEP_LEASE_NAMESPACE": "default"}
+    leases = k8s.CoordinationV1Api(kube.control_plane.api_client())
+
+    def holder() -> str:
+        return str(leases.read_namespaced_lease(lease, "default").spec.holder_identity or "")
     podman("run", "--detach", "--name", name, "--user", USER, *RUN_FLAGS,
            "--volume", f"{kubeconfig}:/etc/secured-endpoint/kubeconfig:ro",
            *(arg for key, value in environment.items() for arg in ("--env", f"{key}={value}")),
@@ -268,6 +274,7 @@ def test_the_operator_in_the_image_serves_a_namespace(
         assert token in {issued.access_token for issued in token_server.issued_tokens}
         assert token_server.requests[-1].client_id == client_id
         kube.wait_ready(image_namespace, "img")
+        assert holder().startswith(name), "the operator in the image does not hold its Lease"
         with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=5) as response:
             assert response.status == 200
 
@@ -282,6 +289,7 @@ def test_the_operator_in_the_image_serves_a_namespace(
         exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
         assert stopped_after < 10, f"SIGTERM took {stopped_after:.1f} s (exit code {exit_code})"
         assert exit_code == "0", log()[-3000:]
+        assert holder() == "", "the Lease was not released on SIGTERM"
     finally:
         text = log()
         RECORD.snapshots.append((f"log of the operator in the image ({name})", text))
