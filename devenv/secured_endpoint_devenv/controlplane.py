@@ -450,10 +450,37 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+# The audit policy of ``ControlPlane(audit_log=True)``: what every write carried, where a leak would show.
+# Bodies of Secrets (and service-account tokens) are never logged, so the log is no place secrets are expected;
+# SecuredEndpoints (status included) and Events are logged with request and response; reads are not logged.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: None
+  verbs: ["get", "list", "watch"]
+- level: Metadata
+  resources:
+  - group: ""
+    resources: ["secrets", "serviceaccounts/token", "configmaps"]
+- level: RequestResponse
+  resources:
+  - group: "secured-endpoint.io"
+    resources: ["securedendpoints", "securedendpoints/status"]
+  - group: ""
+    resources: ["events"]
+  - group: "events.k8s.io"
+    resources: ["events"]
+- level: Metadata
+"""
+
+
 class ControlPlane:
     """etcd + kube-apiserver on loopback, with an admin token and a kubeconfig.
 
-    Use ``with ControlPlane() as cp:`` or ``cp.start()`` / ``cp.stop()``.
+    Use ``with ControlPlane() as cp:`` or ``cp.start()`` / ``cp.stop()``. ``audit_log=True`` writes the
+    apiserver's audit log (``AUDIT_POLICY``) to ``audit_log_path``.
     """
 
     ADMIN_USER = "sep-admin"
@@ -464,6 +491,7 @@ class ControlPlane:
         *,
         ready_timeout: float = 60.0,
         progress: Progress = print,
+        audit_log: bool = False,
         extra_apiserver_args: Sequence[str] = (),
         service_account_admission: bool = False,
     ) -> None:
@@ -471,6 +499,7 @@ class ControlPlane:
         the ServiceAccount admission plugin (Pods get their token volume), which only a control plane with a
         controller-manager wants: without one no ``default`` ServiceAccount exists and Pods are refused."""
         self._binaries = binaries
+        self.audit_log = audit_log
         self._extra_apiserver_args = list(extra_apiserver_args)
         self._service_account_admission = service_account_admission
         self.ready_timeout = ready_timeout
@@ -521,6 +550,11 @@ class ControlPlane:
     @property
     def apiserver_log_path(self) -> Path:
         return self.workdir / "kube-apiserver.log"
+
+    @property
+    def audit_log_path(self) -> Path:
+        """The apiserver's audit log (JSON lines), when started with ``audit_log=True``."""
+        return self.workdir / "audit.log"
 
     @property
     def binaries(self) -> Binaries:
@@ -706,9 +740,19 @@ class ControlPlane:
                 # pods need no SA tokens (envtest-like), unless a controller-manager makes ServiceAccounts
                 *(() if self._service_account_admission else ("--disable-admission-plugins=ServiceAccount",)),
                 "--profiling=false",
+                *self._audit_args(),
                 *self._extra_apiserver_args,
         ]
         self._spawn("kube-apiserver", self._apiserver_cmd, self.apiserver_log_path)
+
+    def _audit_args(self) -> list[str]:
+        if not self.audit_log:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(AUDIT_POLICY)
+        # one file, never rotated, written before the request is answered: complete when read
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log_path}",
+                "--audit-log-format=json", "--audit-log-mode=blocking"]
 
     def _check_alive(self) -> None:
         for name, proc in self._procs:
