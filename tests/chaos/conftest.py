@@ -1,0 +1,197 @@
+"""What the chaos scenarios share: sizes, an operator of their own, a sampler of every token Secret, figures.
+
+- ``FULL`` (``SEP_CHAOS_FULL=1``): the issue's sizes; otherwise the CI sizes that ``make test`` runs.
+- ``chaos``: a fresh ``c-…`` namespace (no session operator serves it) and an operator process for it that the
+  test starts, kills and restarts as it likes; at teardown an operator runs again so that the namespace's
+  endpoints are released through it (a stuck finalizer fails the test, as in tests/conftest.py).
+- ``TokenSampler``: lists every token Secret of the namespace in one LIST, again and again, and records what a
+  gateway would have read wrongly: an expired token (by the token server's own record of its expiry, not the
+  Secret's ``expires_at``), a Secret whose keys are incomplete or disagree, a token Secret that vanished while
+  its endpoint lives.
+- ``report``: prints a scenario's figures and keeps them for the terminal summary, so that one run gives the
+  numbers of every scenario.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secured_endpoint import api
+from secured_endpoint_devenv.tokenserver import TokenServer
+from secured_endpoint_gateway import wire
+from tests.conftest import TEST_OPERATOR_ENV, Kube, OperatorProcess, _namespace
+
+FULL = os.environ.get("SEP_CHAOS_FULL", "") not in ("", "0")
+
+FIGURES: list[tuple[str, dict[str, Any]]] = []
+
+
+def size(ci: int, full: int) -> int:
+    return full if FULL else ci
+
+
+def report(scenario: str, **figures: Any) -> None:
+    FIGURES.append((scenario, figures))
+    print(f"chaos figures: {scenario}: " + ", ".join(f"{key}={value}" for key, value in figures.items()))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section(f"chaos figures ({'full' if FULL else 'CI'} sizes)")
+        for scenario, figures in FIGURES:
+            terminalreporter.write_line(f"{scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+@dataclass
+class Chaos:
+    kube: Kube
+    namespace: str
+    operator: OperatorProcess
+    tmp_path: Path
+
+    def new_operator(self, **env: str) -> OperatorProcess:
+        """Replace the (stopped or killed) operator by a fresh process with other settings."""
+        assert self.operator.process is None or self.operator.process.poll() is not None
+        self.operator = OperatorProcess(kubeconfig=self.operator.kubeconfig, log_path=self.operator.log_path,
+                                        scope=self.operator.scope, env={**self.operator.env, **env})
+        return self.operator
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a node loss does it."""
+        process = self.operator.process
+        assert process is not None, "the operator was never started"
+        assert process.poll() is None, "the operator is not running"
+        process.kill()
+        process.wait(timeout=10)
+
+    def running(self) -> bool:
+        return self.operator.process is not None and self.operator.process.poll() is None
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        return list(self.kube.custom.list_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL)["items"])
+
+    def token_secrets(self) -> list[Any]:
+        return list(self.kube.core.list_namespaced_secret(
+            self.namespace, label_selector=f"{api.MANAGED_BY_LABEL}={api.MANAGED_BY_VALUE}").items)
+
+
+def ready_for_generation(endpoint: dict[str, Any]) -> bool:
+    """Ready=True and describing the endpoint's current spec."""
+    status = endpoint.get("status") or {}
+    generation = endpoint["metadata"].get("generation")
+    for condition in status.get("conditions") or ():
+        if condition.get("type") == api.CONDITION_READY:
+            return bool(condition.get("status") == "True" and condition.get("observedGeneration") == generation
+                        and status.get("observedGeneration") == generation)
+    return False
+
+
+def chaos_env(**env: str) -> dict[str, str]:
+    return {**TEST_OPERATOR_ENV, **env}
+
+
+@pytest.fixture
+def chaos(kube: Kube, tmp_path: Path) -> Iterator[Chaos]:
+    namespaces = _namespace(kube, "c")
+    namespace = next(namespaces)
+    operator = OperatorProcess(kubeconfig=kube.control_plane.kubeconfig_path, log_path=tmp_path / "operator.log",
+                               scope=("--namespace", namespace), env=chaos_env())
+    state = Chaos(kube, namespace, operator, tmp_path)
+    try:
+        yield state
+    finally:
+        if not state.running():
+            state.new_operator().start()
+        for _ in namespaces:  # deletes the endpoints through the operator, then the namespace
+            pass
+        state.operator.stop()
+        if os.environ.get("SEP_SHOW_OPERATOR_LOG"):
+            print(state.operator.log_text())
+
+
+def decode(secret: Any) -> dict[str, str]:
+    return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+
+
+def inconsistent(data: dict[str, str]) -> str | None:
+    """Why a token Secret's keys do not form one complete, consistent token, or None."""
+    missing = [key for key in wire.SECRET_KEYS if not data.get(key)]
+    if missing:
+        return f"missing {missing}"
+    token = data["access_token"]
+    if data["fingerprint"] != wire.fingerprint(token):
+        return "fingerprint does not match access_token"
+    if data["authorization"] != f"{data['token_type']} {token}" or data["credential"] != data["authorization"]:
+        return "authorization/credential do not carry access_token"
+    return None
+
+
+class TokenSampler(threading.Thread):
+    """Reads every token Secret of a namespace (one LIST a round) until stopped; see the module docstring.
+
+    ``alive`` tells which endpoint names exist right now (the test's own book-keeping), so that a Secret
+    missing for a deleted endpoint is not counted as a lost token."""
+
+    def __init__(self, kube: Kube, namespace: str, servers: list[TokenServer], *,
+                 alive: Callable[[], set[str]] = set, interval: float = 0.1) -> None:
+        super().__init__(name="token-sampler", daemon=True)
+        self.kube, self.namespace, self.servers, self.alive, self.interval = kube, namespace, servers, alive, interval
+        self.rounds = self.reads = self.errors = 0
+        self.expired: list[tuple[str, float]] = []  # (secret, seconds past expiry)
+        self.broken: list[tuple[str, str]] = []
+        self.lost: list[str] = []
+        self._halt = threading.Event()
+        self._seen: set[str] = set()  # token Secrets seen at least once
+
+    def _expiries(self) -> dict[str, float]:
+        return {issued.access_token: issued.expires_at for server in self.servers for issued in server.issued_tokens}
+
+    def sample(self) -> None:
+        try:
+            secrets = self.kube.core.list_namespaced_secret(
+                self.namespace, label_selector=f"{api.MANAGED_BY_LABEL}={api.MANAGED_BY_VALUE}").items
+        except Exception:  # the apiserver may be down on purpose (urllib3 errors, ApiException, OSError)
+            self.errors += 1
+            return
+        now = time.time()
+        expiries = self._expiries()
+        present = set()
+        for secret in secrets:
+            name = secret.metadata.name
+            present.add(name)
+            self._seen.add(name)
+            data = decode(secret)
+            self.reads += 1
+            if (why := inconsistent(data)) is not None:
+                self.broken.append((name, why))
+                continue
+            expires = expiries.get(data["access_token"])
+            if expires is None:
+                self.broken.append((name, "a token the token server never issued"))
+            elif expires <= now:
+                self.expired.append((name, round(now - expires, 2)))
+        alive = self.alive()
+        for name in self._seen - present:
+            endpoint = name.removesuffix("-token")
+            if endpoint in alive:
+                self.lost.append(name)
+        self.rounds += 1
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
