@@ -195,3 +195,38 @@ class TokenSampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=10)
+
+
+class LogWatcher(threading.Thread):
+    """Follows an operator's log (across restarts: the file is appended to) and notes when each line containing
+    ``needle`` appeared, to within ``interval``: the log carries no timestamps of its own."""
+
+    def __init__(self, path: Path, needle: str, *, interval: float = 0.02) -> None:
+        super().__init__(name="log-watcher", daemon=True)
+        self.path, self.needle, self.interval = path, needle, interval
+        self.seen: list[tuple[float, str]] = []
+        self._halt = threading.Event()
+        self._offset = 0
+        self._partial = b""
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as log:
+            log.seek(self._offset)
+            chunk = log.read()
+        self._offset += len(chunk)
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        now = time.monotonic()
+        self.seen += [(now, line.decode(errors="replace")) for line in lines if self.needle.encode() in line]
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.poll()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+        self.poll()
