@@ -120,7 +120,9 @@ BRIDGE = "sep-br0"
 NODE_NAME = "127.0.0.1"  # see the module docstring
 PAUSE_IMAGE = "sep.local/pause:3.10"
 BUSYBOX_IMAGE = "sep.local/busybox:1.35"
-DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "busybox-static")
+DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "busybox-static", "iptables")
+# The chains that make the `kubernetes` Service answer inside Pods (see Node._route_kubernetes_service).
+_NAT_CHAIN, _FILTER_CHAIN = "SEP-NODE-SERVICES", "SEP-NODE-LOCALNET"
 CNI_DIRS = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
 BUSYBOX = Path("/bin/busybox")
 _CNI_PLUGINS = ("bridge", "host-local", "loopback")
@@ -166,7 +168,7 @@ def ensure_node_packages(*, progress: controlplane.Progress = print) -> None:
 
 
 def _missing_tools() -> list[str]:
-    missing = [tool for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "ip", "mount")
+    missing = [tool for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "ip", "mount", "iptables")
                if _which(tool) is None]
     if _cni_dir() is None:
         missing.append(f"the CNI plugins {', '.join(_CNI_PLUGINS)} in {' or '.join(map(str, CNI_DIRS))}")
@@ -311,7 +313,7 @@ def ensure_pause_image(*, progress: controlplane.Progress = print) -> Path:
 
 
 _BUSYBOX_APPLETS = ("sh", "echo", "cat", "sleep", "ls", "wget", "httpd", "hostname", "id", "env", "true",
-                    "false", "ip", "ps", "test", "date", "mkdir", "touch")
+                    "false", "ip", "ps", "test", "date", "mkdir", "touch", "nc", "grep")
 
 
 def write_busybox_image(path: Path, reference: str = BUSYBOX_IMAGE) -> Path:
@@ -562,6 +564,8 @@ class Node:
         self._made_dirs: list[Path] = []
         self._sandboxes: set[str] = set()
         self._bridge_made = False
+        self._iptables_made = False
+        self.kubernetes_service = ("", 0)  # the `kubernetes` Service's ClusterIP and port, reachable from Pods
         self.kubelet_port = 0
         self.kubelet_healthz_port = 0
         self.startup_seconds = 0.0
@@ -623,6 +627,7 @@ class Node:
             self._sysctls = {name: _read_sysctl(name) for name in _SYSCTLS}
             self._made_dirs = [path for path in _FIXED_DIRS if not path.exists()]
             self._make_bridge()
+            self._route_kubernetes_service()
             self._start_containerd()
             self.image_import(pause)
             self.image_import(write_busybox_image(self.workdir / "images" / "busybox.tar"))
@@ -646,6 +651,9 @@ class Node:
         if self._workdir is not None:
             self._kill_shims()
             _unmount_under(self._workdir)
+        if self._iptables_made:
+            self._remove_iptables()
+            self._iptables_made = False
         if self._bridge_made:
             subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
             self._bridge_made = False
@@ -723,6 +731,44 @@ class Node:
                 raise NodeError(f"{' '.join(cmd)} failed (exit {done.returncode}): {done.stderr.strip()}")
             self._bridge_made = True
 
+    def _route_kubernetes_service(self) -> None:
+        """In-cluster clients in Pods dial the `kubernetes` Service's ClusterIP; with no kube-proxy, one DNAT
+        rule for packets from the bridge sends it to the apiserver on loopback (route_localnet on the bridge
+        only, as kube-proxy does for node ports on localhost). Any other packet from a Pod to 127.0.0.0/8 is
+        dropped, so the Pods reach the apiserver and nothing else that listens on loopback."""
+        deadline = time.monotonic() + 30.0
+        service = None
+        while service is None and time.monotonic() < deadline:
+            service = _get_json(self.control_plane, "/api/v1/namespaces/default/services/kubernetes")
+            if service is None:
+                time.sleep(0.2)
+        if service is None:
+            raise NodeError("the apiserver made no default/kubernetes Service within 30s")
+        cluster_ip, port = str(service["spec"]["clusterIP"]), int(service["spec"]["ports"][0]["port"])
+        self.kubernetes_service = (cluster_ip, port)
+        self._remove_iptables()  # a crashed run's
+        self._iptables_made = True
+        _write_sysctl(f"net/ipv4/conf/{self.bridge}/route_localnet", "1")
+        for table, rule in (
+            ("nat", ["-N", _NAT_CHAIN]),
+            ("nat", ["-A", _NAT_CHAIN, "-d", f"{cluster_ip}/32", "-p", "tcp", "--dport", str(port), "-j", "DNAT",
+                     "--to-destination", f"127.0.0.1:{self.control_plane.apiserver_port}"]),
+            ("nat", ["-A", "PREROUTING", "-i", self.bridge, "-j", _NAT_CHAIN]),
+            ("filter", ["-N", _FILTER_CHAIN]),
+            ("filter", ["-A", _FILTER_CHAIN, "-d", "127.0.0.0/8", "-m", "conntrack", "!", "--ctstate", "DNAT",
+                        "-j", "DROP"]),
+            ("filter", ["-A", "INPUT", "-i", self.bridge, "-j", _FILTER_CHAIN]),
+        ):
+            done = subprocess.run(["iptables", "-w", "5", "-t", table, *rule], capture_output=True, text=True,
+                                  check=False)
+            if done.returncode != 0:
+                raise NodeError(f"iptables -t {table} {' '.join(rule)} failed: {done.stderr.strip()}")
+
+    def _remove_iptables(self) -> None:
+        for table, hook, chain in (("nat", "PREROUTING", _NAT_CHAIN), ("filter", "INPUT", _FILTER_CHAIN)):
+            for rule in (["-D", hook, "-i", self.bridge, "-j", chain], ["-F", chain], ["-X", chain]):
+                subprocess.run(["iptables", "-w", "5", "-t", table, *rule], capture_output=True, check=False)
+
     def _start_containerd(self) -> None:
         work = self.workdir
         cni_conf = work / "cni"
@@ -738,7 +784,10 @@ class Node:
                 "type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False,
                 "hairpinMode": True,
                 "ipam": {"type": "host-local", "dataDir": str(work / "cni-ipam"),
-                         "ranges": [[{"subnet": self.pod_subnet, "gateway": _gateway(self.pod_subnet)}]]},
+                         "ranges": [[{"subnet": self.pod_subnet, "gateway": _gateway(self.pod_subnet)}]],
+                         # one route besides the bridge's own subnet: to the `kubernetes` Service
+                         "routes": [{"dst": f"{self.kubernetes_service[0]}/32",
+                                     "gw": _gateway(self.pod_subnet)}]},
             }],
         }, indent=2))
         root, state = work / "containerd" / "root", work / "containerd" / "state"
@@ -795,6 +844,7 @@ class Node:
             "protectKernelDefaults": False,  # it sets its sysctls; stop() puts the old values back
             "serializeImagePulls": False,
             "shutdownGracePeriod": "0s",
+            "makeIPTablesUtilChains": False,  # its hint/canary/firewall chains would outlive it
         }, indent=2))
         self._procs.spawn("kubelet", [
             str(bins.kubelet), f"--config={config}", f"--kubeconfig={self.control_plane.kubeconfig_path}",

@@ -7,6 +7,8 @@ kube-controller-manager, kube-scheduler and a kubelet on containerd + runc, all 
 - the node registers as ``127.0.0.1`` and is Ready, with kubelet v1.34.4 on containerd;
 - a Pod from an image imported with ``image_import`` (under the name its manifest uses) runs to completion, its
   service-account token is mounted, and its output comes back through ``kubectl logs`` (apiserver -> kubelet);
+- a Pod reaches the apiserver like an in-cluster client (the ``kubernetes`` Service, its mounted token) and is
+  authenticated as its ServiceAccount;
 - a Deployment gets Ready (an HTTP readiness probe from the kubelet into the pod network), and deleting it
   deletes its ReplicaSet and Pods;
 - the garbage collector deletes an object whose owner is gone, and waits for it in a foreground deletion;
@@ -18,6 +20,7 @@ Without a node (a machine that cannot run one: the skip says exactly why), the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -111,9 +114,6 @@ def _link_exists(name: str) -> bool:
 
 
 def test_stop_leaves_nothing_behind() -> None:
-    before = {name: node._read_sysctl(name) for name in node._SYSCTLS}
-    fixed_paths = [*node._FIXED_DIRS, Path("/usr/libexec/kubernetes")]
-    existed = {path: path.exists() for path in fixed_paths}
     try:
         running = _start()
     except NodeUnavailable as exc:
@@ -127,19 +127,29 @@ def test_stop_leaves_nothing_behind() -> None:
         pids = [*running.node.pids, *running.controllers.pids, *running.control_plane.pids]
         shims = node._pids_whose_cmdline_has("containerd-shim", address)
         mounts = node._mounts_under(workdir)
+        # What the node found when it started (under its machine lock), to be found again after it stopped.
+        sysctls, made_dirs = dict(running.node._sysctls), list(running.node._made_dirs)
         assert shims, "a running Pod has a containerd shim"
         assert any("rootfs" in point for point in mounts), mounts
         assert _link_exists(node.BRIDGE)
+        assert Path("/sys/fs/cgroup/memory/kubepods").is_dir()
     finally:
         running.stop()
-    assert [pid for pid in [*pids, *shims] if node.process_running(pid)] == []
-    assert node._mounts_under(workdir) == []
-    assert not workdir.exists()
-    assert not _link_exists(node.BRIDGE)
-    assert {name: node._read_sysctl(name) for name in node._SYSCTLS} == before
-    assert {path: path.exists() for path in fixed_paths} == existed
-    results = Path("/var/lib/cni/results")
-    assert not (results.is_dir() and [name for name in os.listdir(results) if name.startswith("sep-pods-")])
+    # Checked under the machine lock: a node another test run starts right now must not be taken for ours.
+    with contextlib.closing(node._machine_lock(print)):
+        assert [pid for pid in [*pids, *shims] if node.process_running(pid)] == []
+        assert node._mounts_under(workdir) == []
+        assert not workdir.exists()
+        assert not _link_exists(node.BRIDGE)
+        assert {name: node._read_sysctl(name) for name in sysctls} == sysctls
+        assert [path for path in made_dirs if path.exists()] == []
+        assert not Path("/sys/fs/cgroup/memory/kubepods").exists()
+        for table in ("nat", "filter"):
+            rules = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True).stdout
+            assert "SEP-NODE" not in rules, rules
+        results = Path("/var/lib/cni/results")
+        leftovers = [name for name in os.listdir(results) if name.startswith("sep-pods-")] if results.is_dir() else []
+        assert leftovers == []
 
 
 # --------------------------------------------------------------------------- the node
@@ -203,6 +213,26 @@ def test_deployment_gets_ready_and_its_deletion_removes_the_pods(cluster: Cluste
              message="the Deployment's Pods deleted by the garbage collector")
     replica_sets = json.loads(cluster.kubectl("get", "-n", namespace, "replicasets", "-o", "json").stdout)
     assert replica_sets["items"] == []
+
+
+def test_pod_reaches_the_apiserver_as_its_service_account(cluster: Cluster, namespace: str,
+                                                          core: k8s.CoreV1Api) -> None:
+    the_node = _needs_node(cluster)
+    host, port = the_node.kubernetes_service
+    review = '{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}'
+    # What an in-cluster client does: the Service address from the environment, the mounted token.
+    script = ('T=$(cat /var/run/secrets/kubernetes.io/serviceaccount/token); '
+              'echo "service $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"; '
+              f"wget -q -O- --no-check-certificate --header 'Authorization: Bearer '$T "
+              f"--header 'Content-Type: application/json' --post-data '{review}' "
+              "https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/apis/authentication.k8s.io/v1/selfsubjectreviews")
+    _apply(cluster, namespace, _pod("caller", node.BUSYBOX_IMAGE, script))
+    wait_for(lambda: _phase(core, namespace, "caller") in ("Succeeded", "Failed"), timeout=60,
+             message="caller finished")
+    first, _, body = cluster.kubectl("logs", "-n", namespace, "caller").stdout.partition("\n")
+    assert first == f"service {host}:{port}"
+    assert json.loads(body)["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:default"
+    assert _phase(core, namespace, "caller") == "Succeeded"
 
 
 # --------------------------------------------------------------------------- the controllers (node or not)
