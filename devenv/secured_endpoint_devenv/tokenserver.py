@@ -225,6 +225,9 @@ class Knobs:
     fault: Fault | None = None
     # How many token requests the fault still applies to; None = until it is cleared.
     fault_count: int | None = None
+    # The server's clock runs this many seconds ahead (negative: behind) in the JWTs it issues (iat, exp); the
+    # token still lives lifetime_seconds of real time, and expires_in is unaffected.
+    clock_skew_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         def is_int(value: object) -> bool:
@@ -243,6 +246,8 @@ class Knobs:
             raise ValueError(f"fault must be null or one of {sorted(FAULTS)}")
         if self.fault_count is not None and (not is_int(self.fault_count) or self.fault_count < 1):
             raise ValueError("fault_count must be null or a positive integer")
+        if not (is_int(self.clock_skew_seconds) or isinstance(self.clock_skew_seconds, float)):
+            raise ValueError("clock_skew_seconds must be a number")
 
 
 @dataclass(frozen=True)
@@ -868,7 +873,8 @@ class TokenServer:
         if knobs.token_format == "jwt":
             claims: dict[str, Any] = {
                 "iss": self.url, "sub": subject, "aud": audience or client.client_id,
-                "client_id": client.client_id, "iat": int(now), "exp": int(expires_at),
+                "client_id": client.client_id, "iat": int(now + knobs.clock_skew_seconds),
+                "exp": int(expires_at + knobs.clock_skew_seconds),
                 "jti": secrets.token_hex(8),
             }
             if scope:
