@@ -64,6 +64,14 @@ class Replica:
 
 
 @pytest.fixture
+def namespace(kube: Kube) -> Iterator[str]:
+    """A namespace only these replicas serve (the session's operators serve ``t-*`` and ``r-*``)."""
+    from tests.conftest import _namespace
+
+    yield from _namespace(kube, "ha")
+
+
+@pytest.fixture
 def replicas(control_plane: object, namespace: str, tmp_path: Path,
              operator_processes: list[OperatorProcess]) -> Iterator[list[Replica]]:
     lease = f"sep-ha-{uuid.uuid4().hex[:8]}"

@@ -137,7 +137,10 @@ def test_metrics_follow_the_endpoint(metrics_operator: OperatorProcess, metrics_
         "secured-endpoint.io/refresh-requested-at": uuid.uuid4().hex}}})
     kube.wait_ready(ns, "orders", status="False", reason="InvalidCredentials")
     scrape = wait_for(lambda: (s := Scrape(metrics_port)) and _ones(
-        s, "secured_endpoint_status_condition", "status", **one) == ["False"] and s, message="Ready=False series")
+        s, "secured_endpoint_status_condition", "status", **one, condition="Ready") == ["False"] and s,
+        message="Ready=False series")
+    # a refused client needs a change: kstatus' Stalled says so beside Ready
+    assert _ones(scrape, "secured_endpoint_status_condition", "status", **one, condition="Stalled") == ["True"]
     assert _ones(scrape, "secured_endpoint_status_condition_reason", "reason", **one) == ["InvalidCredentials"]
     assert (scrape.value("secured_endpoint_refreshes_total", result="InvalidCredentials") or 0) >= 1
     assert (scrape.value("secured_endpoint_idp_requests_total", host=host, result="InvalidCredentials") or 0) >= 1
