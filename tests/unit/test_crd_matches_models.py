@@ -3,23 +3,26 @@
 Cases:
 - the CRD names (group, version, kind, plural) are the ones ``api.py`` uses;
 - every spec property in the CRD is an alias of a field of the matching model, and vice versa, recursively
-  through nested models, lists and maps;
+  through nested models, lists and maps; every model reachable from the spec is compared;
 - required fields, JSON types, enums, defaults and numeric/length bounds agree (the CRD may add bounds
-  the models do not have, never lose one);
+  the models do not have, never lose one; a model constraint of a kind not compared fails);
 - the reserved parameter names in the CEL rule are exactly ``api.RESERVED_PARAMETERS``;
 - no reference in the spec has a ``namespace`` field, and nothing in the schema preserves unknown fields;
-- the status schema has the fields the operator writes;
-- every SecuredEndpoint in ``examples/`` passes ``api.parse_spec``, and the Secrets it refers to are in the
-  same example with the keys it names.
+- the status schema has exactly the fields the operator's typed status writes (``status.EndpointStatus``
+  fully set, its conditions, the targets' kinds and location fields), of the JSON types it writes;
+- every SecuredEndpoint in ``examples/`` passes ``api.parse_spec``, every Secret and ConfigMap it refers to is
+  in the same example, and the client and password Secrets have the keys it names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,9 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from secured_endpoint import api
+from secured_endpoint import api, status
+from secured_endpoint.targets.redis import RedisTarget, UnconfiguredRedis
+from secured_endpoint.targets.secret import SecretTarget
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "secured-endpoint.io_securedendpoints.yaml"
@@ -66,7 +71,7 @@ def _strip_optional(annotation: Any) -> Any:
 def _walk(model: type[BaseModel], schema: dict[str, Any], path: str) -> Iterator[tuple[str, FieldInfo, Any]]:
     """Yield ``(path, field, schema node)`` for every field of the model and its nested models.
 
-    Fails (KeyError) on a field without a schema property; the property-set comparison reports it better.
+    A field without a schema property is left out here: ``test_properties_are_the_model_aliases`` fails on it.
     """
     properties = schema.get("properties", {})
     for field in model.model_fields.values():
@@ -107,6 +112,25 @@ FIELDS = list(_walk(api.SecuredEndpointSpec, _spec_schema(), "spec"))
 
 def _ids(items: list[tuple[Any, ...]]) -> list[str]:
     return [str(item[0]) for item in items]
+
+
+def _reachable_models(model: type[BaseModel]) -> set[type[BaseModel]]:
+    """Every model the spec model uses, at any depth, found from the annotations alone."""
+    found = {model}
+    for field in model.model_fields.values():
+        stack = [field.annotation]
+        while stack:
+            annotation = stack.pop()
+            stack.extend(typing.get_args(annotation))
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel) and annotation not in found:
+                found |= _reachable_models(annotation)
+    return found
+
+
+def test_every_model_and_field_is_compared() -> None:
+    """The parametrized tests below run over MODELS and FIELDS: a model the walk missed would be checked by none."""
+    assert {model for _, model, _ in MODELS} == _reachable_models(api.SecuredEndpointSpec)
+    assert len(FIELDS) == sum(len(model.model_fields) for _, model, _ in MODELS), "a field without a schema node"
 
 
 # -- names -----------------------------------------------------------------------------------------------
@@ -159,7 +183,9 @@ def test_types_agree(path: str, field: FieldInfo, node: dict[str, Any]) -> None:
         assert node["additionalProperties"]["type"] == JSON_TYPES[value_type], path
     if origin is list:
         (item_type,) = typing.get_args(annotation)
-        if not (isinstance(item_type, type) and issubclass(item_type, BaseModel)):
+        if isinstance(item_type, type) and issubclass(item_type, BaseModel):
+            assert node["items"]["type"] == "object", path
+        else:
             assert node["items"]["type"] == JSON_TYPES[item_type], path
 
 
@@ -172,7 +198,7 @@ def test_defaults_agree(path: str, field: FieldInfo, node: dict[str, Any]) -> No
         made = field.default_factory()  # type: ignore[call-arg]
         if "default" not in node:
             # An empty list/map or an all-default object: leaving it out of the stored object is equivalent.
-            assert not isinstance(made, BaseModel) or made == type(made)(), path
+            assert made == type(made)(), f"{path}: the model's default is not empty, the CRD has none"
             return
         if isinstance(made, BaseModel):
             assert type(made).model_validate(node["default"]) == made, path
@@ -183,7 +209,14 @@ def test_defaults_agree(path: str, field: FieldInfo, node: dict[str, Any]) -> No
     assert node.get("default") == default, f"{path}: CRD default differs from the model's"
 
 
-@pytest.mark.parametrize(("path", "field", "node"), FIELDS, ids=_ids(FIELDS))
+BOUNDED = [item for item in FIELDS if item[1].metadata]
+
+
+def test_some_fields_are_bounded() -> None:
+    assert len(BOUNDED) >= 20, "the bounds comparison below would compare (almost) nothing"
+
+
+@pytest.mark.parametrize(("path", "field", "node"), BOUNDED, ids=_ids(BOUNDED))
 def test_model_bounds_are_in_the_crd(path: str, field: FieldInfo, node: dict[str, Any]) -> None:
     for constraint in field.metadata:
         match constraint:
@@ -195,6 +228,8 @@ def test_model_bounds_are_in_the_crd(path: str, field: FieldInfo, node: dict[str
                 assert node.get("minLength") == bound, path
             case annotated_types.MaxLen(max_length=bound):
                 assert node.get("maxLength") == bound, path
+            case _:
+                pytest.fail(f"{path}: the model's constraint {constraint!r} is compared with nothing in the CRD")
 
 
 def test_crd_bounds_no_looser_than_the_models() -> None:
@@ -237,17 +272,53 @@ def test_schema_is_closed() -> None:
         assert not node.get("x-kubernetes-preserve-unknown-fields"), path
 
 
+def _sample(annotation: Any) -> Any:
+    """A value of a status field's type, for a status with every field set."""
+    annotation = _strip_optional(annotation)
+    origin = typing.get_origin(annotation) or annotation
+    if annotation is int:
+        return 3
+    if annotation is str:
+        return "x"
+    if annotation is datetime:
+        return datetime(2026, 1, 1, tzinfo=UTC)
+    if origin is tuple and typing.get_args(annotation)[0] is status.Condition:
+        return (status.Condition(type=api.CONDITION_READY, status="True", reason="TokenIssued", message="m",
+                                 observed_generation=1, last_transition_time="2026-01-01T00:00:00Z"),)
+    if origin is Mapping and typing.get_args(annotation) == (str, str):
+        return {"Secret/oauth": "12"}
+    if origin is Mapping:
+        return {target.kind: {target.location_field: "where"} for target in TARGETS}
+    pytest.fail(f"no sample for a status field of type {annotation!r}: teach _sample about it")
+
+
+TARGETS = (SecretTarget, RedisTarget, UnconfiguredRedis)
+STATUS_JSON_TYPES = {int: "integer", str: "string", bool: "boolean", list: "array", dict: "object"}
+
+
 def test_status_has_the_operator_fields() -> None:
-    status = _version_schema()["properties"]["status"]["properties"]
-    assert set(status) == {
-        "observedGeneration", "conditions", "tokenType", "scope", "expiresAt", "lastRefreshTime",
-        "nextRefreshTime", "lastFailureTime", "consecutiveFailures", "tokenFingerprint", "tokenConfigHash",
-        "sourceVersions", "lastRefreshRequest", "targets",
-    }
-    conditions = status["conditions"]
+    schema = _version_schema()["properties"]["status"]["properties"]
+    hints = typing.get_type_hints(status.EndpointStatus)
+    full = status.EndpointStatus(**{field.name: _sample(hints[field.name])
+                                    for field in dataclasses.fields(status.EndpointStatus)})
+    written = full.to_json()
+    assert set(written) == set(schema), "the status the operator writes and the CRD's status differ"
+    for name, value in written.items():
+        assert schema[name]["type"] == STATUS_JSON_TYPES[type(value)], name
+        if schema[name].get("format") == "date-time":
+            assert status.parse_timestamp(value) is not None, name
+
+    conditions = schema["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map"
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
-    assert conditions["items"]["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
+    item = conditions["items"]
+    assert set(written["conditions"][0]) == set(item["properties"])
+    assert set(item["required"]) <= set(status.Condition.from_json({}).to_json())
+    assert item["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
+
+    targets = schema["targets"]["properties"]
+    assert {target.kind: {target.location_field} for target in TARGETS} == {
+        kind: set(node["properties"]) for kind, node in targets.items()}
 
 
 def test_every_property_has_a_description() -> None:
@@ -289,6 +360,9 @@ def test_example_parses(example: str, documents: list[dict[str, Any]]) -> None:
     for endpoint in endpoints:
         assert endpoint["apiVersion"] == f"{api.GROUP}/{api.VERSION}"
         spec = api.parse_spec(endpoint["spec"])
+        present = {(doc["kind"], doc["metadata"]["name"]) for doc in documents}
+        for ref in spec.referenced_sources():
+            assert (ref.kind, ref.name) in present, f"{example}: {ref} is not in the example"
         wanted = [(spec.client_secret_ref.name, spec.client_secret_ref.client_id_key),
                   (spec.client_secret_ref.name, spec.client_secret_ref.client_secret_key)]
         if spec.password_secret_ref is not None:

@@ -9,7 +9,8 @@ Spec models (``api.parse_spec``):
 - every tokenUrl the model accepts is one the HTTP client can use (httpx parses it, the port is valid):
   otherwise the operator fails later, with an exception that is no condition;
 - a valid spec's ``model_dump(by_alias=True)`` parses back to an equal model;
-- ``token_config_hash`` does not depend on key order, and ignores the fields that do not shape the token;
+- ``token_config_hash`` changes with each field that shapes the token, and ignores the fields that do not
+  (every spec field is one or the other);
 - ``referenced_sources`` holds exactly the Secrets and ConfigMaps the spec refers to.
 
 Token responses (``tokens.parse_token_response``; arbitrary bytes and leak checks are in
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import re
 import typing
 import urllib.parse
@@ -148,10 +148,8 @@ def valid_specs(draw: st.DrawFn) -> dict[str, Any]:
             spec["passwordSecretRef"]["passwordKey"] = draw(key_name)
     elif draw(st.booleans()):
         spec["grantType"] = "ClientCredentials"
-    methods = ["ClientSecretBasic", "ClientSecretPost"]
-    if "clientAssertion" in SPEC_FIELDS:
-        methods += ["ClientSecretJWT", "PrivateKeyJWT"]
-    if "clientCertificateSecretRef" in SPEC_FIELDS and not insecure:
+    methods = ["ClientSecretBasic", "ClientSecretPost", "ClientSecretJWT", "PrivateKeyJWT"]
+    if not insecure:
         methods.append("TLSClientAuth")
     method = draw(st.sampled_from(methods))
     if method != "ClientSecretBasic" or draw(st.booleans()):
@@ -176,7 +174,7 @@ def valid_specs(draw: st.DrawFn) -> dict[str, Any]:
         ]
     if draw(st.booleans()):
         spec["trustStore"] = {draw(st.sampled_from(["configMapRef", "secretRef"])): draw(_selector())}
-    if "proxy" in SPEC_FIELDS and draw(st.booleans()):
+    if draw(st.booleans()):
         spec["proxy"] = {"url": draw(st.sampled_from(["http://proxy.internal:3128", "https://10.0.0.9"]))}
         if draw(st.booleans()):
             spec["proxy"]["credentialsSecretRef"] = {"name": draw(dns_name)}
@@ -316,25 +314,46 @@ def test_valid_specs_parse_and_round_trip(spec: dict[str, Any]) -> None:
     dumped = model.model_dump(mode="json", by_alias=True)
     assert api.parse_spec(dumped) == model
     assert api.parse_spec(model.model_dump(mode="json", by_alias=True, exclude_none=True)) == model
-    assert api.parse_spec(dumped).token_config_hash() == model.token_config_hash()
 
 
-def _shuffled(value: Any, rng: random.Random) -> Any:
-    if isinstance(value, dict):
-        items = list(value.items())
-        rng.shuffle(items)
-        return {key: _shuffled(item, rng) for key, item in items}
-    if isinstance(value, list):
-        return [_shuffled(item, rng) for item in value]  # list order is meaningful (scopes, parameters)
-    return value
+# Fields that do not shape the token: changing them costs no token request (docs/contract.md §5.3).
+NOT_TOKEN_SHAPING = {"endpoints", "refresh", "suspend", "target"}
+BASE_SPEC: dict[str, Any] = {"tokenUrl": "https://idp.example.com/token", "clientSecretRef": {"name": "oauth"}}
+# For each field that shapes the token, a spec that differs from BASE_SPEC in it (and what it needs).
+TOKEN_SHAPING_CHANGES: dict[str, dict[str, Any]] = {
+    "tokenUrl": {"tokenUrl": "https://idp.example.com/other"},
+    "allowInsecureHttp": {"allowInsecureHttp": True},
+    "grantType": {"grantType": "Password", "passwordSecretRef": {"name": "user"}},
+    "clientAuthMethod": {"clientAuthMethod": "ClientSecretPost"},
+    "clientSecretRef": {"clientSecretRef": {"name": "oauth", "clientSecretKey": "secret"}},
+    "passwordSecretRef": {"grantType": "Password", "passwordSecretRef": {"name": "user", "passwordKey": "pw"}},
+    "scopes": {"scopes": ["orders.read"]},
+    "audience": {"audience": "https://orders.internal"},
+    "parameters": {"parameters": [{"name": "resource", "value": "https://orders.internal"}]},
+    "clientAssertion": {"clientAuthMethod": "ClientSecretJWT", "clientAssertion": {"algorithm": "HS512"}},
+    "clientCertificateSecretRef": {"clientCertificateSecretRef": {"name": "client-tls"}},
+    "trustStore": {"trustStore": {"configMapRef": {"name": "idp-ca", "key": "ca.crt"}}},
+    "proxy": {"proxy": {"url": "http://proxy.internal:3128"}},
+}
 
 
-@PROPERTY
-@given(spec=valid_specs(), seed=st.integers())
-def test_token_config_hash_does_not_depend_on_key_order(spec: dict[str, Any], seed: int) -> None:
-    shuffled = _shuffled(spec, random.Random(seed))
-    assert api.parse_spec(shuffled).token_config_hash() == api.parse_spec(spec).token_config_hash()
-    assert api.parse_spec(shuffled) == api.parse_spec(spec)
+def test_every_spec_field_shapes_the_token_or_not() -> None:
+    assert set(TOKEN_SHAPING_CHANGES) | NOT_TOKEN_SHAPING == SPEC_FIELDS
+    assert set(TOKEN_SHAPING_CHANGES).isdisjoint(NOT_TOKEN_SHAPING)
+
+
+@pytest.mark.parametrize("field", sorted(TOKEN_SHAPING_CHANGES))
+def test_token_config_hash_follows_each_field_that_shapes_the_token(field: str) -> None:
+    base = api.parse_spec(BASE_SPEC)
+    changed = api.parse_spec({**BASE_SPEC, **TOKEN_SHAPING_CHANGES[field]})
+    assert changed.token_config_hash() != base.token_config_hash()
+    # a pair of specs that differ in this field only, when the change needs another one too
+    if field == "passwordSecretRef":
+        assert changed.token_config_hash() != api.parse_spec(
+            {**BASE_SPEC, **TOKEN_SHAPING_CHANGES["grantType"]}).token_config_hash()
+    if field == "clientAssertion":
+        assert changed.token_config_hash() != api.parse_spec(
+            {**BASE_SPEC, "clientAuthMethod": "ClientSecretJWT"}).token_config_hash()
 
 
 @PROPERTY
