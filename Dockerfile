@@ -1,9 +1,17 @@
 # The operator's image: `docker build -t secured-endpoint-operator:0.1.0 .` (or `make image` without a registry).
 #
 # BASE is any Debian-based image with a python3 (3.11+) on its PATH and apt: the official slim image by
-# default, or the local Debian one `make image` builds. Both stages start from the same BASE, so the
+# default, or the local Debian one `make image` builds. Every stage starts from the same BASE, so the
 # virtualenv copied from the builder finds its interpreter at the same path in the runtime stage.
 ARG BASE=docker.io/library/python:3.11.13-slim-bookworm
+
+# The run-time dependencies of the two distributions, as requirements: only the lines of
+# [project].dependencies, without the operator's dependency on the gateway library (built from gateway/).
+FROM ${BASE} AS requirements
+COPY pyproject.toml /src/
+COPY gateway/pyproject.toml /src/gateway/
+RUN python3 -c 'import sys, tomllib; print(*(d for f in sys.argv[1:] for d in tomllib.load(open(f, "rb"))["project"]["dependencies"]), sep="\n")' \
+        /src/pyproject.toml /src/gateway/pyproject.toml | grep -v '^secured-endpoint-' >/requirements.txt
 
 FROM ${BASE} AS builder
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -24,16 +32,12 @@ RUN set -eu; \
 # unset unless given with --build-arg.
 ARG PIP_INDEX_URL
 ARG PIP_CERT
-# The dependencies' wheels first, from the two pyproject.toml files alone, so that a change to the sources
-# builds only the project's own two wheels. The operator's dependency on the gateway library is left out
-# here: that one is built from gateway/ below. The pip cache (with the compiled twofish) stays in the build
-# cache, not in a layer.
-COPY pyproject.toml /src/
-COPY gateway/pyproject.toml /src/gateway/
+# The dependencies' wheels first, so that a change to the sources builds only the project's own two wheels,
+# and one to pyproject.toml that leaves the dependencies alone (tools, extras) rebuilds nothing. The pip
+# cache (with the compiled twofish) stays in the build cache, not in a layer.
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python3 -c 'import sys, tomllib; print(*(d for f in sys.argv[1:] for d in tomllib.load(open(f, "rb"))["project"]["dependencies"]), sep="\n")' \
-        /src/pyproject.toml /src/gateway/pyproject.toml | grep -v '^secured-endpoint-' >/tmp/requirements.txt \
- && /opt/build/bin/pip wheel --use-pep517 --wheel-dir /wheels --requirement /tmp/requirements.txt
+    /opt/build/bin/pip wheel --use-pep517 --wheel-dir /wheels --requirement /tmp/requirements.txt
 # .dockerignore lets through only pyproject.toml, README.md, operator/ and gateway/.
 COPY . /src/
 # The runtime virtualenv holds only what those wheels install (no pip, no setuptools), compiled now since

@@ -11,8 +11,8 @@
 #
 # Everything lives under SEP_IMAGE_CACHE_DIR (default ~/.cache/secured-endpoint-operator/image): the base
 # rootfs tarball, podman's own storage (apart from any other podman storage on the machine), the pip cache
-# of the build and the archive. Needs root: apt-get installs what is missing (podman, runc, mmdebstrap), and mmdebstrap and podman
-# run as root here.
+# of the build and the archive. Needs root: apt-get installs what is missing (podman, runc, mmdebstrap), and
+# mmdebstrap and podman run as root here.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -61,9 +61,9 @@ base_tarball=$cache/base-$suite-$recipe_hash.tar
 run_dir=/run/sep-podman/$(printf '%s' "$cache" | sha256sum | cut -c1-8)
 podman_flags=()  # set by init_podman
 
-# The storage driver: overlay where the kernel and the cache's file system allow it (a build with every
-# step cached takes ~4 s, a changed source ~30 s), else vfs, which copies every layer in full (the same
-# builds take ~70 s and ~110 s, and 2-4 GB of disk). SEP_IMAGE_STORAGE_DRIVER chooses; the probe's answer
+# The storage driver: overlay where the kernel and the cache's file system allow it (measured here: a build
+# with every step cached ~4 s, after a changed source ~30 s, 1 GB of disk), else vfs, which copies every
+# layer in full (the same builds ~35-70 s and ~110-145 s, 2-4 GB). SEP_IMAGE_STORAGE_DRIVER chooses; the probe's answer
 # is kept in the cache. One storage directory per driver: podman's database names the driver it was made with.
 init_podman() {
   local driver=${SEP_IMAGE_STORAGE_DRIVER:-}
@@ -182,9 +182,10 @@ build() {  # build REFRESH-BASE(0|1)
     # labels, not build arguments: buildah 1.28's layer cache ignores a changed ARG in a LABEL
     --label org.opencontainers.image.version="$version" --label org.opencontainers.image.revision="$revision")
   podman_build --tag "$image" --tag "$cluster_image" "${build_args[@]}" "$root"
-  # The builder stage's image is the last "--> ID" before the runtime stage's first step.
+  # The builder stage's image is the last "--> ID" before the first step of the last stage ("[N/N] STEP 1/").
   local builder_id
-  builder_id=$(awk '/^\[2\/2\] STEP 1\// { print id; exit } /^--> [0-9a-f]+$/ { id = $2 }' "$cache/build.log")
+  builder_id=$(awk -F'[][/ ]+' '/^--> [0-9a-f]+$/ { id = $2 }
+    /^\[[0-9]+\/[0-9]+\] STEP 1\// && $2 == $3 { print id; exit }' "$cache/build.log")
   if [[ -n $builder_id ]]; then
     pod tag "$builder_id" "$builder_image"
   else
