@@ -271,6 +271,15 @@ class KubeClient:
         return await self.request("GET", collection_path(resource, namespace), params=params,
                                   headers={"Accept": METADATA_LIST_MEDIA_TYPE})
 
+    async def may_list_everywhere(self, resource: str) -> bool:
+        """Does RBAC let the operator list ``resource`` in all namespaces? (One LIST of one item; a 403 says no,
+        and any other failure counts as no too.)"""
+        try:
+            await self.list_metadata(resource, limit=1)
+        except KubeError:
+            return False
+        return True
+
     async def watch_metadata(self, resource: str, *, namespace: str | None = None, label_selector: str = "",
                              resource_version: str, timeout_seconds: int) -> AsyncGenerator[JSON, None]:
         """The watch events (``{"type", "object"}``, objects as ``PartialObjectMetadata``) after

@@ -67,9 +67,13 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     redis_settings: RedisSettings = memo["redis_settings"]
     redis = RedisTarget.from_settings(redis_settings)
     exact = not clusterwide and all(_exact_namespace(pattern) for pattern in patterns)
-    cache = sources.MetadataCache(client, namespaces=None if clusterwide or not exact else patterns,
+    # Namespace patterns: one cluster-wide watch per kind where RBAC allows it (the cache holds metadata only,
+    # so the other namespaces' Secrets cost little), else two watches per matching namespace
+    by_namespace = not clusterwide and not exact and not all(
+        [await client.may_list_everywhere(resource) for resource in sources.RESOURCES.values()])
+    cache = sources.MetadataCache(client, namespaces=list(patterns) if exact else None,
                                   label_selector=operator_settings.source_label_selector,
-                                  namespaces_to_come=not clusterwide and not exact)
+                                  namespaces_to_come=by_namespace)
     view = sources.SourceView(cache, source_labels=operator_settings.source_labels)
     targets: list[Target] = [
         SecretTarget(client, labels=operator_settings.source_labels, held=view.target_fingerprint),
@@ -82,7 +86,7 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     if operator_settings.source_label_selector:
         logger.info("Watching only the Secrets and ConfigMaps labelled %s.", operator_settings.source_label_selector)
     await cache.start()
-    if not clusterwide and not exact:
+    if by_namespace:
         scope = sources.NamespaceScope(client, cache, patterns)
         memo["namespace_scope"] = scope
         await scope.start()
