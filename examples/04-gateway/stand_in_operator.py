@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for the operator's Redis side, to try the gateway without Kubernetes. Not the operator.
 
-It does, for one endpoint, what SPEC §3/§4 say the operator does: fetch a token (client_credentials) from
+It does, for one endpoint, what docs/contract.md §3/§4 say the operator does: fetch a token (client_credentials) from
 the token server, write the hash ``<prefix>:<namespace>:<name>`` with PEXPIREAT, announce it on
 ``<prefix>:updated``, and on ``<namespace>/<name> <fingerprint>`` from ``<prefix>:refresh`` fetch a new token
 only if the fingerprint is the current token's. It also refreshes at two thirds of the lifetime. No

@@ -2,9 +2,9 @@
 
 Two places to read a token from, each as an asyncio source and a blocking twin:
 
-- Redis (SPEC §3, §4): ``RedisTokenSource`` / ``SyncRedisTokenSource`` — cached in memory, invalidated by
+- Redis (docs/contract.md §3, §4): ``RedisTokenSource`` / ``SyncRedisTokenSource`` — cached in memory, invalidated by
   ``<prefix>:updated``, and able to ask the operator for a new token after a 401 (``<prefix>:refresh``).
-- The token Secret mounted as a directory (SPEC §2): ``SecretDirTokenSource`` /
+- The token Secret mounted as a directory (docs/contract.md §2): ``SecretDirTokenSource`` /
   ``SyncSecretDirTokenSource`` — re-read when the kubelet swaps the files; cannot ask for a refresh.
 
 ``TokenAuth`` plugs either into httpx: it sets ``Authorization``, and on a 401 gets a newer token and

@@ -1,4 +1,4 @@
-"""Tokens from the operator's Redis cache (SPEC §3, §4), for asyncio and for threads.
+"""Tokens from the operator's Redis cache (docs/contract.md §3, §4), for asyncio and for threads.
 
 Reading: the hash ``<prefix>:<namespace>:<name>`` is read once and kept in memory until ``expires_at``
 minus ``expiry_skew``. A listener subscribed to ``<prefix>:updated`` drops the cached token whenever

@@ -1,4 +1,4 @@
-"""Tokens from the token Secret mounted as a directory (SPEC §2), for asyncio and for threads.
+"""Tokens from the token Secret mounted as a directory (docs/contract.md §2), for asyncio and for threads.
 
 Kubernetes writes a Secret volume as timestamped directories plus a ``..data`` symlink to the current one,
 and each key is a symlink ``<key> -> ..data/<key>``; an update writes a new directory and swaps ``..data``
@@ -15,7 +15,7 @@ The reactive path is weak here, by design: a mounted Secret cannot ask the opera
 ``request_refresh(stale)`` only re-reads the directory (every 100 ms, up to ``refresh_wait``) for a token
 with another fingerprint — which helps when the operator has already written one that the kubelet is
 delivering (that takes up to a minute or so, the kubelet sync period plus its cache TTL). Reactive refresh
-needs the Redis source (SPEC §4), or a patch of the SecuredEndpoint's ``secured-endpoint.io/
+needs the Redis source (docs/contract.md §4), or a patch of the SecuredEndpoint's ``secured-endpoint.io/
 refresh-requested-at`` annotation, which needs RBAC on the resource and is not done by this library.
 """
 

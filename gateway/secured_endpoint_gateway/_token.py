@@ -1,7 +1,7 @@
 """The token as a gateway sees it, the two source protocols, and parsing of both stored forms.
 
-A token is read either from the Redis hash (SPEC §3: ``expires_at`` in unix seconds) or from the files of
-the mounted token Secret (SPEC §2: ``expires_at`` in RFC 3339). Both parse into one frozen
+A token is read either from the Redis hash (docs/contract.md §3: ``expires_at`` in unix seconds) or from the files of
+the mounted token Secret (docs/contract.md §2: ``expires_at`` in RFC 3339). Both parse into one frozen
 ``GatewayToken`` whose ``access_token`` is a pydantic ``SecretStr``, so neither ``repr()``, a log line nor a
 traceback shows it; ``authorization`` is the only place the clear text is assembled.
 """

@@ -1,7 +1,7 @@
 """The wire format the operator and the gateways share: the one place it is written down in code.
 
 The operator writes with these names and the gateways read with them, so neither side can drift from the other
-(SPEC §2 the token Secret, §3 the Redis layout, §4 refresh requests). Standard library only: the operator
+(docs/contract.md §2 the token Secret, §3 the Redis layout, §4 refresh requests). Standard library only: the operator
 imports this module without pulling in anything a gateway needs.
 
 Redis, with ``<prefix>`` = ``SEP_REDIS_KEY_PREFIX`` (default :data:`DEFAULT_PREFIX`):
@@ -42,7 +42,7 @@ MAX_REFRESH_REQUEST = 512  # a namespace (63) + "/" + a name (253) + " " + a fin
 # Kubernetes names: a namespace is a DNS label, a resource name a DNS subdomain.
 _NAMESPACE = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _NAME = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
-_FINGERPRINT = re.compile(r"[\x21-\x7e]{1,128}")  # printable, no spaces; SPEC: "sha256:<12 hex>"
+_FINGERPRINT = re.compile(r"[\x21-\x7e]{1,128}")  # printable, no spaces; docs/contract.md §1.3: "sha256:<12 hex>"
 
 
 def fingerprint(access_token: str) -> str:

@@ -1,6 +1,6 @@
 """The gateway library against a real redis-server (and a real token server for TokenAuth).
 
-Tokens are written the way SPEC §3 says the operator writes them (HSET, PEXPIREAT, PUBLISH on
+Tokens are written the way docs/contract.md §3 says the operator writes them (HSET, PEXPIREAT, PUBLISH on
 ``<prefix>:updated``); every test uses its own key prefix, so its channels are its own too. Where the
 reactive path needs an operator, ``SimulatedOperator`` stands in: a thread that listens on
 ``<prefix>:refresh``, acts only on requests naming the current fingerprint (as the real operator does),
@@ -94,7 +94,7 @@ async def async_redis(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.
 
 def write_token(client: redis.Redis, prefix: str, access_token: str, *, lifetime: float = 3600,
                 namespace: str = NAMESPACE, name: str = NAME, announce: bool = True) -> str:
-    """Write a token as the operator does (SPEC §3); returns its fingerprint."""
+    """Write a token as the operator does (docs/contract.md §3); returns its fingerprint."""
     key = f"{prefix}:{namespace}:{name}"
     expires_at = time.time() + lifetime
     with client.pipeline(transaction=True) as pipe:

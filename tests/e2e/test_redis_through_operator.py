@@ -1,10 +1,10 @@
-"""The operator's Redis target and reactive path, end to end (SPEC §3, §4).
+"""The operator's Redis target and reactive path, end to end (docs/contract.md §3, §4).
 
 The Redis operator talks TLS with a client certificate to an ACL user, password from a file, db 3,
 so every case here runs through those settings.
 
 Cases:
-- the hash holds exactly the SPEC §3 fields, its expiry equals the token's, the status names the key,
+- the hash holds exactly the docs/contract.md §3 fields, its expiry equals the token's, the status names the key,
   and each write is announced on ``<prefix>:updated``;
 - after a refresh the previous token stays readable under ``:previous`` until its own expiry;
 - switching the Redis target off removes the key; deleting the endpoint removes it too;

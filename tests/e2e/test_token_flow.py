@@ -1,7 +1,7 @@
 """Tokens flow from a real token server into the token Secret, and stay fresh.
 
 Cases:
-- create → the token Secret appears within 2 s, with every SPEC §2 key, label and owner reference,
+- create → the token Secret appears within 2 s, with every docs/contract.md §2 key, label and owner reference,
   and the status tells the truth (Ready/TokenIssued, observedGeneration, times, fingerprint);
 - several refresh cycles with 4 s tokens: the Secret never holds an expired or unknown token;
 - expiry sources: expires_in, JWT ``exp`` when expires_in is missing, the spec default otherwise;

@@ -1,4 +1,4 @@
-"""Redis settings (``secured_endpoint.settings.load_redis_settings``, SPEC §3).
+"""Redis settings (``secured_endpoint.settings.load_redis_settings``, docs/contract.md §3).
 
 Cases:
 - nothing set → not configured, the defaults (port 6379, db 0, timeouts 5/5, no TLS, prefix secured-endpoint,

@@ -168,7 +168,7 @@ def test_odd_statuses_are_invalid_responses(status: int) -> None:
         parse_token_response(status, JSON, body(access_token="a", token_type="Bearer"))
 
 
-# -- error responses: the classification table (SPEC §1) -------------------------------------------------
+# -- error responses: the classification table (docs/contract.md §1) -------------------------------------------------
 
 
 def oauth_error(error: str, description: str | None = None) -> bytes:

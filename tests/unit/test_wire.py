@@ -1,6 +1,7 @@
 """The wire format shared by the operator and the gateways (``secured_endpoint_gateway.wire``).
 
-The names are asserted as SPEC §2 to §4 spell them, literally, so that a change to the module shows here; and
+The names are asserted as docs/contract.md §2 to §4 spell them, literally, so that a change to the module
+shows here; and
 the operator's Redis and Secret targets and its fingerprint are checked to be the module's, not copies.
 """
 
