@@ -3,7 +3,8 @@
 Cases:
 - token server down → the token stays in the Secret, Ready=False/TokenRequestFailed says until when
   it is usable; the server comes back → Ready=True again, by itself;
-- invalid_client → Ready=False/InvalidCredentials, and the server is not asked again and again;
+- invalid_client → Ready=False/InvalidCredentials, and the status plans the next attempt 30-60 s later, after a
+  second refusal 60-120 s (the permanent backoff of docs/contract.md §5.4);
 - a non-RFC 6749 answer (HTML) → InvalidTokenResponse, previous token kept;
 - the referenced Secret is missing → CredentialsNotFound naming it, no token request at all; creating
   the Secret mends it within seconds, with no polling in between;
@@ -16,9 +17,11 @@ Cases:
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
+from secured_endpoint import api
 from secured_endpoint_devenv.tokenserver import TokenServer
 from tests.conftest import Kube, OperatorProcess, Setup, wait_for
 
@@ -51,15 +54,36 @@ def test_token_server_down_keeps_the_token_and_recovers(operator: OperatorProces
     assert after["access_token"] != before["access_token"]
 
 
+def _planned_retry(kube: Kube, namespace: str, name: str, failures: int) -> timedelta:
+    """How long after the ``failures``-th consecutive failure the status plans the next attempt."""
+    status = wait_for(lambda: (s := (kube.get_endpoint(namespace, name) or {}).get("status") or {})
+                      .get("consecutiveFailures") == failures and s, message=f"{failures} failure(s) recorded")
+    return _time(status["nextRefreshTime"]) - _time(status["lastFailureTime"])
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
 def test_invalid_client_is_not_hammered(operator: OperatorProcess, kube: Kube, setup: Setup,
                                         token_server: TokenServer) -> None:
+    """The permanent backoff of docs/contract.md §5.4, read from the status: 30-60 s after the first refusal,
+    60-120 s after the second (a forced refresh asks again at once, and is refused again)."""
     setup.client(token_server)
     token_server.fault = "invalid_client"
     setup.endpoint("refused", token_server)
     condition = kube.wait_ready(setup.namespace, "refused", status="False", reason="InvalidCredentials")
     assert "invalid_client" in condition["message"]
-    time.sleep(4)
-    assert token_server.token_requests == 1, "a refused client must not be asked again within seconds"
+    second = timedelta(seconds=1)  # the status' timestamps have second precision
+    first_retry = _planned_retry(kube, setup.namespace, "refused", 1)
+    assert timedelta(seconds=30) - second <= first_retry <= timedelta(seconds=60) + second, first_retry
+    assert token_server.token_requests == 1
+
+    kube.patch_endpoint(setup.namespace, "refused", {"metadata": {"annotations": {api.REFRESH_ANNOTATION: "again"}}})
+    wait_for(lambda: token_server.token_requests == 2, message="the forced refresh's request")
+    second_retry = _planned_retry(kube, setup.namespace, "refused", 2)
+    assert timedelta(seconds=60) - second <= second_retry <= timedelta(seconds=120) + second, second_retry
+    assert token_server.token_requests == 2, "nothing asked before the planned retry"
 
 
 def test_html_answer_is_an_invalid_token_response(operator: OperatorProcess, kube: Kube, setup: Setup,
