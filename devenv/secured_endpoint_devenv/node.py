@@ -7,9 +7,21 @@ what a real cluster has, on loopback:
 * kube-controller-manager (garbage collector, namespace deletion, Deployments/ReplicaSets, service accounts
   and their tokens, signed with the apiserver's own service-account key) and kube-scheduler, both with the
   admin kubeconfig;
-* a kubelet on containerd + runc (Debian's packages), with a private containerd (config, socket, root and
-  state in the node's own temporary directory, never the system one), a locally built pause image as the
-  sandbox image, and the CNI bridge + host-local plugins on a bridge of its own with no route out of it.
+* a kubelet on containerd + runc (Debian's packages, installed when missing), with a private containerd
+  (config, socket, root and state in the node's own temporary directory, never the system one), a locally
+  built pause image as the sandbox image, and the CNI bridge + host-local plugins on a bridge of its own.
+  Pods get one route besides the bridge's subnet, to the ``kubernetes`` Service, which a DNAT rule sends to
+  the apiserver on loopback: in-cluster clients work unchanged, and nothing else is reachable.
+
+Use::
+
+    with Cluster() as cluster:               # Cluster(node=False): the controllers alone
+        cluster.image_import(archive, also_tag=["secured-endpoint-operator:0.1.0"])
+        cluster.kubectl("apply", "-k", "manifests/")
+        cluster.kubeconfig_path              # admin kubeconfig, for any other client
+
+:class:`NodeUnavailable` means the machine cannot run a node at all (its message says why); any other failure
+is a :class:`NodeError` with the components' log tails. One node runs per machine at a time (a file lock).
 
 The three binaries are built from ``k8s.io/kubernetes`` like kube-apiserver (the same wrapper module and
 version stamps) and cached beside it: ``<controlplane.version_dir()>/bin/{kube-controller-manager,
@@ -38,7 +50,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -127,6 +139,8 @@ CNI_DIRS = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
 BUSYBOX = Path("/bin/busybox")
 _CNI_PLUGINS = ("bridge", "host-local", "loopback")
 _LOCK_WAIT_S = 15 * 60.0
+_WORKDIR_PREFIX = "sep-node-"
+_STATE_FILE = "node-state.json"
 # What the kubelet sets for itself (protectKernelDefaults: false) and the node puts back when it stops.
 # Paths the kubelet, containerd and libcni use whatever they are told; the node removes those it made, once empty.
 _FIXED_DIRS = tuple(Path(path) for path in (
@@ -562,7 +576,6 @@ class Node:
         self._lock: IO[str] | None = None
         self._sysctls: dict[str, str] = {}
         self._made_dirs: list[Path] = []
-        self._sandboxes: set[str] = set()
         self._bridge_made = False
         self._iptables_made = False
         self.kubernetes_service = ("", 0)  # the `kubernetes` Service's ClusterIP and port, reachable from Pods
@@ -621,11 +634,15 @@ class Node:
         pause = ensure_pause_image(progress=self._progress)
         self._lock = _machine_lock(self._progress)  # one bridge, one set of sysctls: one node per machine
         started = time.monotonic()
-        self._workdir = Path(tempfile.mkdtemp(prefix="sep-node-"))
+        self._workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
         atexit.register(self.stop)
         try:
+            _reap_stale_nodes(self._workdir, self._progress)
             self._sysctls = {name: _read_sysctl(name) for name in _SYSCTLS}
             self._made_dirs = [path for path in _FIXED_DIRS if not path.exists()]
+            # What to put back, kept where a later node finds it should this process die without stop().
+            (self._workdir / _STATE_FILE).write_text(json.dumps(
+                {"sysctls": self._sysctls, "made_dirs": [str(path) for path in self._made_dirs]}))
             self._make_bridge()
             self._route_kubernetes_service()
             self._start_containerd()
@@ -645,11 +662,10 @@ class Node:
         """Stop the kubelet, remove every container, stop containerd and its shims, unmount, delete the bridge,
         put the kernel settings back. Idempotent."""
         self._procs.stop("kubelet")
-        if self._workdir is not None:
-            self._remove_containers()
+        sandboxes = _remove_containers(self._workdir) if self._workdir is not None else set()
         self._procs.stop()
         if self._workdir is not None:
-            self._kill_shims()
+            _kill_shims(self._workdir, sandboxes)
             _unmount_under(self._workdir)
         if self._iptables_made:
             self._remove_iptables()
@@ -657,23 +673,11 @@ class Node:
         if self._bridge_made:
             subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
             self._bridge_made = False
-        for name, value in self._sysctls.items():
-            with contextlib.suppress(OSError):
-                _write_sysctl(name, value)
-        self._sysctls = {}
-        _remove_empty_cgroups("kubepods")
-        self._remove_cni_results()
-        _remove_links_into(Path("/var/log/containers"), self._workdir)
-        with contextlib.suppress(OSError):
-            if Path("/var/lib/kubelet/device-plugins") in self._made_dirs:
-                Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink()
-        for path in self._made_dirs:  # deepest first; a directory someone else filled meanwhile stays
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        self._made_dirs = []
         if self._workdir is not None:
+            _put_back(self._workdir, self._sysctls, self._made_dirs, sandboxes)
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+        self._sysctls, self._made_dirs = {}, []
         if self._lock is not None:
             self._lock.close()  # closing the file releases the flock
             self._lock = None
@@ -867,42 +871,6 @@ class Node:
         raise NodeError(f"node {self.name} not Ready after {self.ready_timeout:.0f}s ({detail})\n"
                         f"{self._procs.tails(40)}")
 
-    def _remove_containers(self) -> None:
-        # runc itself, not containerd: works whether or not containerd still answers, kills and unmounts.
-        runc = _which("runc") or "runc"
-        for root in sorted((self.workdir / "containerd" / "state" / "runc").glob("*")):
-            listed = subprocess.run([runc, "--root", str(root), "list", "--quiet"], capture_output=True,
-                                    text=True, check=False, timeout=30)
-            for container in listed.stdout.split():
-                self._sandboxes.add(container)
-                subprocess.run([runc, "--root", str(root), "delete", "--force", container], capture_output=True,
-                               check=False, timeout=30)
-
-    def _remove_cni_results(self) -> None:
-        # libcni caches each attachment's result under /var/lib/cni/results until its DEL, which a Pod killed
-        # with the node never gets: remove the results of this node's network only.
-        results = Path("/var/lib/cni/results")
-        for container in self._sandboxes:
-            for name in (f"sep-pods-{container}-eth0", f"cni-loopback-{container}-lo"):
-                with contextlib.suppress(OSError):
-                    (results / name).unlink()
-        self._sandboxes = set()
-
-    def _kill_shims(self) -> None:
-        # Shims outlive containerd (they are daemons of their own); only the ones of this node's socket go.
-        shims = _pids_whose_cmdline_has("containerd-shim", str(self.containerd_address))
-        for pid in shims:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, 9)
-        deadline = time.monotonic() + 10.0
-        while any(process_running(pid) for pid in shims) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        # A killed shim leaves its socket, at a path containerd 1.6 derives from its own address and the id.
-        for container in self._sandboxes:
-            name = hashlib.sha256(f"{self.containerd_address}/k8s.io/{container}".encode()).hexdigest()
-            with contextlib.suppress(OSError):
-                (Path("/run/containerd/s") / name).unlink()
-
 
 _CONTAINERD_CONFIG = """\
 # The node's own containerd: nothing under /var/lib/containerd or /etc/containerd is read or written.
@@ -1046,6 +1014,81 @@ def _unmount_under(root: Path) -> None:
             subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
 
 
+def _remove_containers(workdir: Path) -> set[str]:
+    """Kill and delete every container of a node's containerd with runc itself (whether or not containerd
+    still answers); returns their ids."""
+    runc = _which("runc") or "runc"
+    removed: set[str] = set()
+    for root in sorted((workdir / "containerd" / "state" / "runc").glob("*")):
+        listed = subprocess.run([runc, "--root", str(root), "list", "--quiet"], capture_output=True, text=True,
+                                check=False, timeout=30)
+        for container in listed.stdout.split():
+            removed.add(container)
+            subprocess.run([runc, "--root", str(root), "delete", "--force", container], capture_output=True,
+                           check=False, timeout=30)
+    return removed
+
+
+def _kill(pids: Sequence[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, 9)
+    deadline = time.monotonic() + 10.0
+    while any(process_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _kill_shims(workdir: Path, containers: set[str]) -> None:
+    # Shims outlive containerd (they are daemons of their own); only the ones of this node's socket go.
+    address = str(workdir / "containerd" / "containerd.sock")
+    _kill(_pids_whose_cmdline_has("containerd-shim", address))
+    # A killed shim leaves its socket, at a path containerd 1.6 derives from its own address and the id.
+    for container in containers:
+        name = hashlib.sha256(f"{address}/k8s.io/{container}".encode()).hexdigest()
+        with contextlib.suppress(OSError):
+            (Path("/run/containerd/s") / name).unlink()
+
+
+def _put_back(workdir: Path, sysctls: Mapping[str, str], made_dirs: Sequence[Path], containers: set[str]) -> None:
+    """Undo what a node did outside its work dir, once its processes are gone."""
+    for name, value in sysctls.items():
+        with contextlib.suppress(OSError):
+            _write_sysctl(name, value)
+    _remove_empty_cgroups("kubepods")
+    # libcni keeps each attachment's result until its DEL, which a Pod killed with the node never gets.
+    for container in containers:
+        for name in (f"sep-pods-{container}-eth0", f"cni-loopback-{container}-lo"):
+            with contextlib.suppress(OSError):
+                (Path("/var/lib/cni/results") / name).unlink()
+    _remove_links_into(Path("/var/log/containers"), workdir)
+    with contextlib.suppress(OSError):
+        if Path("/var/lib/kubelet/device-plugins") in made_dirs:
+            Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink()
+    for path in made_dirs:  # deepest first; a directory someone else filled meanwhile stays
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _reap_stale_nodes(own: Path, progress: controlplane.Progress) -> None:
+    """Clean up after nodes whose process died without stop(). Called under the machine lock, which a node
+    holds from before it makes its work dir until after it removed it: any other work dir is stale."""
+    for stale in sorted(Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*")):
+        if stale == own or not stale.is_dir():
+            continue
+        progress(f"{_PREFIX} cleaning up after a node that was not stopped: {stale}")
+        mentioning = _pids_whose_cmdline_has(f"{stale}/")
+        _kill([pid for pid in mentioning if pid not in _pids_whose_cmdline_has("containerd-shim")])  # kubelet…
+        containers = _remove_containers(stale)
+        _kill_shims(stale, containers)
+        _unmount_under(stale)
+        state: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads((stale / _STATE_FILE).read_text())
+        _put_back(stale, dict(state.get("sysctls") or {}), [Path(path) for path in state.get("made_dirs") or ()],
+                  containers)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _remove_links_into(directory: Path, target: Path | None) -> None:
     """The kubelet's /var/log/containers links to this node's logs (it removes them only with the container)."""
     if target is None or not directory.is_dir():
@@ -1161,9 +1204,3 @@ class Cluster:
             self._workdir = None
         atexit.unregister(self.stop)
 
-
-@contextlib.contextmanager
-def cluster(**kwargs: Any) -> Iterator[Cluster]:
-    """``with node.cluster() as c:`` — the same as ``with Cluster(**kwargs) as c:``."""
-    with Cluster(**kwargs) as running:
-        yield running

@@ -4,6 +4,8 @@ kube-controller-manager, kube-scheduler and a kubelet on containerd + runc, all 
 
 - stopping the cluster leaves nothing behind: no process, mount, bridge or work dir; the kernel settings the
   kubelet changed are back (this runs first, on a cluster of its own, with a Pod running);
+- a node whose process died without stopping it (SIGKILL) is cleaned up by the next node: its kubelet,
+  containerd, shims and containers killed, mounts and work dir gone, kernel settings put back;
 - the node registers as ``127.0.0.1`` and is Ready, with kubelet v1.34.4 on containerd;
 - a Pod from an image imported with ``image_import`` (under the name its manifest uses) runs to completion, its
   service-account token is mounted, and its output comes back through ``kubectl logs`` (apiserver -> kubelet);
@@ -23,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +154,55 @@ def test_stop_leaves_nothing_behind() -> None:
         results = Path("/var/lib/cni/results")
         leftovers = [name for name in os.listdir(results) if name.startswith("sep-pods-")] if results.is_dir() else []
         assert leftovers == []
+
+
+_DOOMED = """
+import json, sys, time
+import yaml
+from secured_endpoint_devenv import node
+cluster = node.Cluster(progress=lambda line: None).start()
+pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "orphan"}, "spec": {"containers": [
+    {"name": "main", "image": node.BUSYBOX_IMAGE, "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]}}
+cluster.kubectl("apply", "-n", "default", "-f", "-", input=yaml.safe_dump(pod))
+cluster.kubectl("wait", "--for=condition=Ready", "pod/orphan", "--timeout=60s", timeout=70)
+print(json.dumps({"workdir": str(cluster.node.workdir), "node": cluster.node.pids, "sysctls": cluster.node._sysctls,
+                  "others": [*cluster.controllers.pids, *cluster.control_plane.pids],
+                  "other_dirs": [str(cluster._workdir), str(cluster.controllers.workdir),
+                                 str(cluster.control_plane.workdir)]}), flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_node_that_was_not_stopped_is_cleaned_up_by_the_next() -> None:
+    doomed = subprocess.Popen([sys.executable, "-c", _DOOMED], stdout=subprocess.PIPE, text=True)
+    try:
+        assert doomed.stdout is not None
+        line = doomed.stdout.readline()
+    finally:
+        doomed.kill()  # SIGKILL: no stop(), no atexit
+        doomed.wait()
+    if not line:
+        pytest.skip("the first node did not start (see its output above)")
+    left = json.loads(line)
+    for pid in left["others"]:  # the control plane's and the controllers' orphans are not the node's to reap
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    for directory in left["other_dirs"]:
+        shutil.rmtree(directory, ignore_errors=True)
+    workdir = Path(left["workdir"])
+    shims = node._pids_whose_cmdline_has("containerd-shim", str(workdir))
+    assert [pid for pid in left["node"] if node.process_running(pid)] == left["node"], "kubelet, containerd orphaned"
+    assert shims
+    assert node._mounts_under(workdir)
+
+    running = _start()
+    try:
+        assert not workdir.exists()
+        assert [pid for pid in [*left["node"], *shims] if node.process_running(pid)] == []
+        assert node._mounts_under(workdir) == []
+        assert running.node._sysctls == left["sysctls"]  # what the killed node found, put back before this one
+    finally:
+        running.stop()
 
 
 # --------------------------------------------------------------------------- the node
