@@ -84,6 +84,7 @@ class Refresher:
         access_token = response.access_token.get_secret_value()
         expires_at, _source = schedule.token_expiry(
             issued_at=issued_at, expires_in=response.expires_in, jwt_exp=tokens.jwt_expiry(access_token),
+            jwt_lifetime=tokens.jwt_lifetime(access_token),
             default_expires_in=spec.refresh.default_expires_in_seconds)
         token = IssuedToken(access_token=response.access_token, token_type=response.token_type,
                             scope=response.scope or (" ".join(spec.scopes) or None), issued_at=issued_at,

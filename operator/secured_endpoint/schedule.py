@@ -78,6 +78,7 @@ def token_expiry(
     expires_in: int | None,
     jwt_exp: datetime | None,
     default_expires_in: int,
+    jwt_lifetime: timedelta | None = None,
 ) -> tuple[datetime, ExpirySource]:
     """Return when a token issued at ``issued_at`` expires, and where that came from (docs/contract.md §5).
 
@@ -85,15 +86,19 @@ def token_expiry(
 
     1. ``expires_in`` from the token response, if positive. ``0`` or a negative value is no lifetime (some
        servers send ``0`` for "unknown"); treating it as "expired at once" would refresh in a tight loop.
-    2. the JWT ``exp`` claim, if it lies after ``issued_at``. An ``exp`` at or before ``issued_at`` is in the
-       past or comes from a skewed clock, and would also cause a tight loop, so it is ignored.
-    3. ``default_expires_in``.
+    2. the JWT's own lifetime ``exp - iat`` (``jwt_lifetime``), counted from ``issued_at``: the issuer's clock
+       may be minutes ahead of ours or behind, but the difference of two of its readings is not skewed.
+    3. the JWT ``exp`` claim alone, if it lies after ``issued_at``. An ``exp`` at or before ``issued_at`` is in
+       the past or comes from a skewed clock, and would also cause a tight loop, so it is ignored.
+    4. ``default_expires_in``.
 
     The lifetime is then clamped to ``[MIN_LIFETIME, MAX_LIFETIME]``.
     """
     issued_at = _as_utc(issued_at, "issued_at")
     if expires_in is not None and expires_in > 0:
         return issued_at + _seconds_lifetime(expires_in), ExpirySource.EXPIRES_IN
+    if jwt_lifetime is not None and jwt_lifetime > timedelta(0):
+        return issued_at + _clamp_lifetime(jwt_lifetime), ExpirySource.JWT_EXP
     if jwt_exp is not None:
         jwt_exp = _as_utc(jwt_exp, "jwt_exp")
         if jwt_exp > issued_at:

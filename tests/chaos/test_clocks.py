@@ -89,10 +89,6 @@ def test_skewed_idp_clocks_and_tokens_shorter_than_the_margin(chaos: Chaos, serv
         assert result["expired_observed"] == 0, f"{name}: an expired token served ({result})"
 
 
-@pytest.mark.xfail(strict=True, reason="the lifetime from a JWT is exp minus our issue time (docs/contract.md 5.1): an "
-                   "IdP 5 min ahead gives a 4-s token 304 s, one 5 min behind an exp before issue and so the "
-                   "default lifetime; either way the Secret serves an expired token for minutes (exp - iat "
-                   "would be skew-free)")
 def test_jwt_exp_alone_from_a_skewed_idp(chaos: Chaos, servers: list[TokenServer], secret_values: set[str]) -> None:
     ahead, behind, _ = servers
     for server, skew in ((ahead, SKEW), (behind, -SKEW)):

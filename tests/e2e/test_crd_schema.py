@@ -441,11 +441,10 @@ def test_printer_columns(control_plane: ControlPlane, namespace: str) -> None:
     _accepted(control_plane, namespace, _endpoint())
     assert _patch_status(control_plane, namespace, "orders", STATUS).returncode == 0
     header, row = control_plane.kubectl("get", "sep", "-n", namespace).stdout.splitlines()
-    assert header.split() == ["NAME", "READY", "REASON", "EXPIRES", "AGE"]
-    # Expires is a string column: a date column would show "<invalid>" for a time in the future.
-    assert row.split()[:4] == ["orders", "True", "TokenIssued", STATUS["expiresAt"]]
+    assert header.split() == ["NAME", "READY", "REASON", "EXPIRES", "NEXT", "REFRESH", "AGE"]
+    # Expires and Next Refresh are string columns: a date column would show "<invalid>" for a time in the future.
+    assert row.split()[:5] == ["orders", "True", "TokenIssued", STATUS["expiresAt"], STATUS["nextRefreshTime"]]
     wide_header = control_plane.kubectl("get", "sep", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
-    assert "NEXT REFRESH" in wide_header
     assert "TOKEN URL" in wide_header
 
 

@@ -730,3 +730,16 @@ async def test_ten_thousand_keys_each_run_exactly_once() -> None:
         assert await scheduler.wait_idle(5.0)
     assert len(counts) == 10_000
     assert set(counts.values()) == {1}
+
+
+def test_a_jwt_lifetime_is_counted_from_our_issue_time_not_the_issuers_clock() -> None:
+    # an IdP whose clock is 5 minutes ahead: its exp is 5 minutes late by ours, its exp - iat is right
+    skewed_exp = T0 + timedelta(minutes=5, seconds=4)
+    expires, source = token_expiry(issued_at=T0, expires_in=None, jwt_exp=skewed_exp,
+                                   jwt_lifetime=timedelta(seconds=4), default_expires_in=3600)
+    assert (expires, source) == (T0 + timedelta(seconds=4), ExpirySource.JWT_EXP)
+    # without iat the exp alone is all there is
+    assert token_expiry(issued_at=T0, expires_in=None, jwt_exp=skewed_exp, default_expires_in=3600)[0] == skewed_exp
+    # expires_in still wins
+    assert token_expiry(issued_at=T0, expires_in=60, jwt_exp=skewed_exp, jwt_lifetime=timedelta(seconds=4),
+                        default_expires_in=3600)[0] == T0 + timedelta(seconds=60)

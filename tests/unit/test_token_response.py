@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
@@ -22,6 +22,7 @@ from secured_endpoint.tokens import (
     TrustStoreInvalidError,
     fingerprint,
     jwt_expiry,
+    jwt_lifetime,
     parse_token_response,
 )
 from secured_endpoint.tokens.errors import sanitize_excerpt
@@ -294,6 +295,14 @@ def test_sanitize_excerpt_keeps_short_text_untouched() -> None:
 
 def make_jwt(claims: dict[str, Any]) -> str:
     return jwt.encode(claims, "a-signing-key-the-client-never-knows-0123", algorithm="HS256")
+
+
+def test_jwt_lifetime_is_exp_minus_iat() -> None:
+    assert jwt_lifetime(make_jwt({"iat": 1_900_000_000, "exp": 1_900_000_300})) == timedelta(seconds=300)
+    assert jwt_lifetime(make_jwt({"exp": 1_900_000_300})) is None
+    assert jwt_lifetime(make_jwt({"iat": 1_900_000_300, "exp": 1_900_000_300})) is None
+    assert jwt_lifetime(make_jwt({"iat": True, "exp": 1_900_000_300})) is None
+    assert jwt_lifetime("opaque-token") is None
 
 
 def test_jwt_expiry_reads_exp_without_the_key() -> None:

@@ -11,7 +11,13 @@ from secured_endpoint.tokens.errors import (
 )
 from secured_endpoint.tokens.keys import CLIENT_ASSERTION_TYPE, ClientAssertion, ClientCertificate
 from secured_endpoint.tokens.proxy import ProxyConfig
-from secured_endpoint.tokens.response import TokenResponse, fingerprint, jwt_expiry, parse_token_response
+from secured_endpoint.tokens.response import (
+    TokenResponse,
+    fingerprint,
+    jwt_expiry,
+    jwt_lifetime,
+    parse_token_response,
+)
 from secured_endpoint.tokens.truststore import to_pem_bundle
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "fingerprint",
     "form_urlencode",
     "jwt_expiry",
+    "jwt_lifetime",
     "parse_token_response",
     "to_pem_bundle",
 ]

@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
@@ -222,17 +222,37 @@ def _is_transient_status(status_code: int) -> bool:
 def jwt_expiry(token: str) -> datetime | None:
     """The ``exp`` claim of a JWT access token as an aware UTC datetime; None for opaque tokens or on any
     decoding problem. The signature is NOT verified: the value only schedules the next refresh."""
-    if not _JWT_SHAPE.match(token):
-        return None
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except (jwt.PyJWTError, ValueError, TypeError):
-        return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+    exp = _numeric_claims(token).get("exp")
+    if exp is None:
         return None
     try:
         return datetime.fromtimestamp(exp, tz=UTC)
     except (OverflowError, OSError, ValueError):
         return None
 
+
+def jwt_lifetime(token: str) -> timedelta | None:
+    """``exp - iat`` of a JWT access token: its lifetime by the issuer's own clock, whatever the skew between that
+    clock and ours; None without both claims or when ``exp`` is not after ``iat``."""
+    claims = _numeric_claims(token)
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if exp is None or iat is None or exp <= iat:
+        return None
+    try:
+        return timedelta(seconds=exp - iat)
+    except OverflowError:
+        return None
+
+
+def _numeric_claims(token: str) -> dict[str, float]:
+    """The finite numeric ``exp`` and ``iat`` claims of an unverified JWT (empty for opaque tokens)."""
+    if not _JWT_SHAPE.match(token):
+        return {}
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return {}
+    if not isinstance(claims, dict):
+        return {}
+    return {name: float(value) for name in ("exp", "iat") if not isinstance(value := claims.get(name), bool)
+            and isinstance(value, int | float) and math.isfinite(value)}
