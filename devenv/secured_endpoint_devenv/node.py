@@ -1076,8 +1076,7 @@ def _reap_stale_nodes(own: Path, progress: controlplane.Progress) -> None:
         if stale == own or not stale.is_dir():
             continue
         progress(f"{_PREFIX} cleaning up after a node that was not stopped: {stale}")
-        mentioning = _pids_whose_cmdline_has(f"{stale}/")
-        _kill([pid for pid in mentioning if pid not in _pids_whose_cmdline_has("containerd-shim")])  # kubelet…
+        _kill(_pids_whose_cmdline_has("--config", f"{stale}/"))  # its kubelet and containerd, before anything else
         containers = _remove_containers(stale)
         _kill_shims(stale, containers)
         _unmount_under(stale)
