@@ -162,7 +162,9 @@ class Controller:
             inputs=self._inputs(endpoint) if spec is not None else None, failed_inputs=runtime.failed_inputs,
             refresh_at=runtime.refresh_at, rewrite_at=runtime.rewrite_at, targets_dirty=runtime.targets_dirty,
             refresh_request=desired.refresh_request, reactive_fingerprint=runtime.reactive_fingerprint,
-            recent_forced=runtime.recent_forced, floor=timedelta(seconds=self.settings.reactive_floor_seconds))
+            recent_forced=runtime.recent_forced,
+            usable_claimed_until=endpoint.served_until if runtime.reported_failure is not None else None,
+            floor=timedelta(seconds=self.settings.reactive_floor_seconds))
 
     def _inputs(self, endpoint: Endpoint) -> policy.Inputs:
         assert endpoint.spec is not None
@@ -229,6 +231,13 @@ class Controller:
             return
         if action is policy.Action.SUSPEND:
             await self._suspend(endpoint, now)
+            return
+        if action is policy.Action.REPORT_EXPIRED:
+            assert endpoint.runtime.reported_failure is not None
+            reason, message, needs_change = endpoint.runtime.reported_failure
+            await self._report_failure(endpoint, reason, message, now=now, next_action=endpoint.runtime.refresh_at,
+                                       needs_change=needs_change, attempt=False)
+            self._plan(endpoint, startup=False)
             return
         if decision.needs_finalizer:
             await self._set_finalizer(endpoint, present=True)
@@ -347,6 +356,7 @@ class Controller:
         runtime.targets_dirty = False
         runtime.rewrite_at = None
         runtime.failures = 0
+        runtime.reported_failure = None
         refresh_at = runtime.refresh_at or now
         message = (f"token valid until {status.timestamp(token.expires_at)}; "
                    f"next refresh at {status.timestamp(refresh_at)}")
@@ -371,11 +381,18 @@ class Controller:
     # -- failure, suspension, deletion ---------------------------------------------------------------
 
     async def _report_failure(self, endpoint: Endpoint, reason: api.Reason, message: str, *, now: datetime,
-                              next_action: datetime | None, needs_change: bool = False) -> None:
+                              next_action: datetime | None, needs_change: bool = False, attempt: bool = True) -> None:
+        """Report a failure; ``attempt`` False: the same failure again, only its "still usable" part changed."""
         if next_action is not None:
             self.scheduler.schedule(endpoint.key, next_action.timestamp(), keep_earlier=True)
+        usable = endpoint.served_until is not None and endpoint.served_until > now
+        endpoint.runtime.reported_failure = (reason, message, needs_change) if usable else None
+        if usable:  # the status must change when that token expires: look again then
+            assert endpoint.served_until is not None
+            self.scheduler.schedule(endpoint.key, endpoint.served_until.timestamp(), keep_earlier=True)
         wanted = dataclasses.replace(endpoint.recorded, consecutive_failures=endpoint.runtime.failures,
-                                     last_failure_time=now, next_refresh_time=next_action)
+                                     last_failure_time=now if attempt else endpoint.recorded.last_failure_time,
+                                     next_refresh_time=next_action)
         await self._publish(endpoint, status.with_health(
             wanted, ready=False, reason=reason,
             message=f"{message}; {status.still_usable(endpoint.served_until, now)}",
@@ -390,6 +407,7 @@ class Controller:
 
     async def _suspend(self, endpoint: Endpoint, now: datetime) -> None:
         self.scheduler.cancel(endpoint.key)
+        endpoint.runtime.reported_failure = None
         wanted = dataclasses.replace(endpoint.recorded, next_refresh_time=None)
         await self._publish(endpoint, status.with_health(
             wanted, ready=False, reason=api.Reason.SUSPENDED,

@@ -17,10 +17,12 @@ The rules, in the order they apply (the first that matches wins, like cert-manag
    gateway's report of a refused token) the per-endpoint floor lets through (two back to back, then one per
    floor). After a failed fetch, a change of inputs
    counts only if the inputs differ from the failed attempt's: otherwise backoff decides.
-5. The targets must be written again with the token in hand (one was lost, a write failed, Redis came back)
+5. A failure status that says the previous token stays usable until a time now past → say that no valid
+   token is in the targets.
+6. The targets must be written again with the token in hand (one was lost, a write failed, Redis came back)
    or the status is for an older generation → rewrite, once any write retry time has come.
-6. Otherwise wait until the earliest of: the refresh time, the write retry, the end of the floor for a
-   pending forced refresh.
+7. Otherwise wait until the earliest of: the refresh time, the write retry, the end of the floor for a
+   pending forced refresh, the expiry of a token a failure status calls usable.
 
 :func:`failure_retry` says when to try again after a failed fetch, and :func:`ready_reason` which reason a
 successful write reports.
@@ -64,6 +66,7 @@ class Situation:
     refresh_request: str | None = None  # the refresh annotation's value
     reactive_fingerprint: str | None = None  # a gateway reported this (current) token as refused
     recent_forced: tuple[datetime, ...] = ()  # when the last forced refreshes ran (the floor counts from them)
+    usable_claimed_until: datetime | None = None  # the failure status says the previous token is usable until
     floor: timedelta = timedelta(seconds=5)  # least time between two forced refreshes
 
 
@@ -74,6 +77,7 @@ class Action(enum.Enum):
     SUSPEND = "report suspended"
     FETCH = "fetch"  # request a new token, then write the targets
     REWRITE = "rewrite"  # write the token in hand (or read back from a target) to every target again
+    REPORT_EXPIRED = "report expired"  # the failure status said "usable until" a time now past: say it is not
     WAIT = "wait"  # nothing due yet
 
 
@@ -138,6 +142,8 @@ def decide(s: Situation) -> Decision:
     why = fetch_reasons(s)
     if why:
         return Decision(Action.FETCH, why, forced="refresh requested" in why, needs_finalizer=needs_finalizer)
+    if s.usable_claimed_until is not None and s.usable_claimed_until <= s.now:
+        return Decision(Action.REPORT_EXPIRED, ("the previous token expired",), needs_finalizer=needs_finalizer)
     rewrite_due = s.targets_dirty and (s.rewrite_at is None or s.rewrite_at <= s.now)
     if rewrite_due or s.recorded.observed_generation != s.generation:
         return Decision(Action.REWRITE, ("targets need the token again",) if rewrite_due else ("spec changed",),
@@ -152,7 +158,7 @@ def next_due(s: Situation) -> datetime | None:
         return None
     if decision.action is not Action.WAIT or decision.needs_finalizer:
         return s.now
-    candidates = [s.refresh_at]
+    candidates = [s.refresh_at, s.usable_claimed_until]
     if s.targets_dirty:
         candidates.append(s.rewrite_at)
     if forced_pending(s):

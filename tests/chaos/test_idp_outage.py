@@ -131,9 +131,6 @@ def went_down_wall(monotonic_moment: float) -> float:
     return time.time() - (time.monotonic() - monotonic_moment)
 
 
-@pytest.mark.xfail(strict=True, reason="the failure message is computed at an attempt only: after the last token "
-                   "expires the status keeps saying 'the previous token stays usable until <a past time>' until "
-                   "the next attempt (up to a backoff step: 5 min transient, 1 h permanent)")
 def test_the_status_says_so_when_the_token_expires(chaos: Chaos, token_server: TokenServer,
                                                    secret_values: set[str]) -> None:
     """A refused refresh (invalid_client: the next attempt 30 to 60 s later) of a 3-s token: within a second of

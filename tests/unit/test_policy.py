@@ -239,3 +239,13 @@ def test_one_last_chance_before_a_valid_token_expires() -> None:
     expiry = NOW + timedelta(seconds=60)
     at = retry(FailureKind.TOKEN, failures=9, served_until=expiry)  # backoff alone would wait minutes
     assert expiry - timedelta(seconds=40) <= at <= expiry - timedelta(seconds=30)
+
+
+def test_a_failure_status_that_calls_an_expired_token_usable_is_corrected() -> None:
+    failing = situation(usable_claimed_until=NOW + timedelta(seconds=30), refresh_at=NOW + timedelta(minutes=10))
+    assert decide(failing).action is Action.WAIT
+    assert next_due(failing) == NOW + timedelta(seconds=30), "looked at again when the token expires"
+    expired = dataclasses.replace(failing, now=NOW + timedelta(seconds=30))
+    assert decide(expired).action is Action.REPORT_EXPIRED
+    # a fetch that is due comes first: its report says the truth anyway
+    assert decide(dataclasses.replace(expired, refresh_at=NOW)).action is Action.FETCH
