@@ -136,7 +136,7 @@ def _wait_two_ready(cluster: Cluster, timeout: float = 180) -> list[dict[str, An
     wait_for(lambda: len(_pods(cluster)) == 2, timeout=timeout, message="two operator Pods")
     done = cluster.kubectl("wait", "--for=condition=Ready", "pod", "-l", SELECTOR, "-n", SYSTEM,
                            f"--timeout={int(timeout)}s", timeout=timeout + 10, check=False)
-    assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{_describe(cluster)}"
+    assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{_describe(cluster)}\n{_last_logs(cluster)}"
     pods: list[dict[str, Any]] = wait_for(
         lambda: (pods := _pods(cluster)) and len(pods) == 2 and all(map(_ready, pods)) and pods,
         timeout=timeout, message="two Ready operator Pods")
@@ -145,6 +145,18 @@ def _wait_two_ready(cluster: Cluster, timeout: float = 180) -> list[dict[str, An
 
 def _describe(cluster: Cluster) -> str:
     return cluster.kubectl("describe", "pods", "-n", SYSTEM, check=False).stdout[-4000:]
+
+
+def _last_logs(cluster: Cluster) -> str:
+    """The end of each operator container's log, of the run before the current one where it restarted."""
+    tails = []
+    for pod in _pods(cluster):
+        name = pod["metadata"]["name"]
+        done = cluster.kubectl("logs", "-n", SYSTEM, name, "--previous", "--tail=15", check=False)
+        if done.returncode != 0:
+            done = cluster.kubectl("logs", "-n", SYSTEM, name, "--tail=15", check=False)
+        tails.append(f"--- {name}:\n{done.stdout}{done.stderr}")
+    return "\n".join(tails)
 
 
 def _lease(cluster: Cluster) -> dict[str, Any] | None:
