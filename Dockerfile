@@ -54,10 +54,15 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 FROM ${BASE}
 COPY --from=builder /opt/venv /opt/venv
+# A passwd/group entry for 65532: libraries ask who they run as (getpass, expanduser); containerd, unlike
+# podman --user, adds none.
+RUN echo 'nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
+ && echo 'nonroot:x:65532:' >> /etc/group
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
-# Numeric, so that runAsNonRoot can be verified without a passwd entry.
+    PYTHONUNBUFFERED=1 \
+    HOME=/nonexistent
+# Numeric, so that runAsNonRoot can be verified without reading the passwd entry.
 USER 65532:65532
 ENTRYPOINT ["secured-endpoint-operator"]
 CMD ["run", "--all-namespaces"]

@@ -118,7 +118,9 @@ def _bearer_of(configuration: Any) -> str | None:
               or configuration.get_api_key_with_prefix("BearerToken"))
     if not header:
         return None
-    return str(header).removeprefix("Bearer ").strip()
+    # the in-cluster loader writes "bearer <token>", a kubeconfig "Bearer <token>": the scheme is case-insensitive
+    scheme, _, token = str(header).strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else str(header).strip()
 
 
 class _BearerAuth(httpx.Auth):
@@ -313,7 +315,9 @@ class KubeClient:
         starts it answers before the custom resources' groups are registered.)"""
         try:
             listing = await self.request("GET", f"/apis/{group}/{version}")
-        except KubeError:
+        except KubeError as exc:
+            if not exc.not_found:  # 404: the group is not (yet) served; anything else is worth saying
+                logger.warning("Asking the apiserver for %s/%s failed: %s", group, version, exc)
             return False
         return any(resource.get("name") == plural for resource in listing.get("resources") or ())
 

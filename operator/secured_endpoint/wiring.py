@@ -61,6 +61,10 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
     credentials = await asyncio.to_thread(kube.load_credentials, kubeconfig=memo.get("kubeconfig"))
     memo["credentials"] = credentials  # for kopf's login, which comes after the start-up handlers
     client = kube.KubeClient(credentials, max_in_flight=operator_settings.kube_max_in_flight)
+    if operator_settings.health_port:  # answering (live, not ready) while it waits for the apiserver below
+        health = HealthServer(live=_live_checks(memo), ready=_ready_checks(memo), port=operator_settings.health_port)
+        await health.start()
+        memo["health"] = health
     await _until_served(client)
     token_client = tokens.TokenClient(timeout=operator_settings.token_timeout_seconds,
                                       connect_timeout=operator_settings.token_connect_timeout_seconds)
@@ -106,12 +110,6 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
         memo["election"].add_done_callback(_election_ended)
     else:
         await duties.start()
-    if operator_settings.health_port:
-        health = HealthServer(live=_live_checks(controller),
-                              ready=_ready_checks(controller, cache, memo.get("elector")),
-                              port=operator_settings.health_port)
-        await health.start()
-        memo["health"] = health
     metrics.serve(operator_settings.metrics_port)
     logger.info("secured-endpoint-operator started.")
 
@@ -199,8 +197,11 @@ async def stop(*, memo: kopf.Memo, **_: Any) -> None:
 _STUCK_AFTER = 3 * schedule.MAX_SLEEP_SECONDS
 
 
-def _live_checks(controller: Controller) -> dict[str, Check]:
+def _live_checks(memo: kopf.Memo) -> dict[str, Check]:
     def scheduler() -> tuple[bool, str]:
+        controller: Controller | None = memo.get("controller")
+        if controller is None:
+            return True, "starting"
         if not controller.leading:
             return True, "not leading: nothing to schedule"
         turned = controller.scheduler.turned_at
@@ -211,15 +212,21 @@ def _live_checks(controller: Controller) -> dict[str, Check]:
     return {"event loop": lambda: (True, "answering"), "scheduler": scheduler}
 
 
-def _ready_checks(controller: Controller, cache: sources.MetadataCache,
-                  elector: leader.LeaderElector | None) -> dict[str, Check]:
+def _ready_checks(memo: kopf.Memo) -> dict[str, Check]:
     def watches() -> tuple[bool, str]:
+        cache: sources.MetadataCache | None = memo.get("cache")
+        if cache is None:
+            return False, "starting: waiting for the apiserver to serve SecuredEndpoints"
         if not cache.synced.is_set():
             return False, "listing the Secrets and ConfigMaps in scope"
         problems = cache.problems()
         return True, "; ".join(f"{watch}: {error}" for watch, error in problems.items()) or "listed"
 
     def role() -> tuple[bool, str]:
+        controller: Controller | None = memo.get("controller")
+        elector: leader.LeaderElector | None = memo.get("elector")
+        if controller is None:
+            return False, "starting"
         if controller.leading:
             return True, "leader"
         if elector is not None and elector.leader is not None:
@@ -272,8 +279,10 @@ def run(settings: OperatorSettings, redis_settings: RedisSettings, *, all_namesp
     unserved = _UnservedWatch()
     logging.getLogger("kopf").addHandler(unserved)
     try:
+        # an identity of our own: kopf would otherwise ask getpass, which fails for a UID without a passwd entry
         kopf.run(registry=registry, clusterwide=all_namespaces, namespaces=scope, standalone=True,
-                 liveness_endpoint=liveness, memo=memo)
+                 liveness_endpoint=liveness, memo=memo,
+                 identity=leader.default_identity())  # type: ignore[arg-type]  # kopf's NewType of str, unexported
     finally:
         logging.getLogger("kopf").removeHandler(unserved)
     if unserved.tripped:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from secured_endpoint import api
 from secured_endpoint_devenv.tokenserver import TokenServer
 from tests.conftest import TEST_OPERATOR_ENV, Kube, OperatorProcess, Setup, wait_for
 
@@ -72,7 +73,7 @@ def namespace(kube: Kube) -> Iterator[str]:
 
 
 @pytest.fixture
-def replicas(control_plane: object, namespace: str, tmp_path: Path,
+def replicas(control_plane: object, kube: Kube, namespace: str, tmp_path: Path,
              operator_processes: list[OperatorProcess]) -> Iterator[list[Replica]]:
     lease = f"sep-ha-{uuid.uuid4().hex[:8]}"
     started: list[Replica] = []
@@ -88,6 +89,15 @@ def replicas(control_plane: object, namespace: str, tmp_path: Path,
         started.append(Replica(process, port))
     wait_for(lambda: sum(replica.leading for replica in started) == 1, timeout=10, message="one leader")
     yield started
+    for replica in started:  # a frozen one would hold the clean-up up
+        if replica.process.process is not None and replica.process.process.poll() is None:
+            os.kill(replica.process.process.pid, signal.SIGCONT)
+    # the endpoints go while a replica still runs: it removes their finalizers
+    for item in kube.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)["items"]:
+        kube.delete_endpoint(namespace, item["metadata"]["name"])
+    wait_for(lambda: not kube.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace,
+                                                                   api.PLURAL)["items"],
+             timeout=30, message="the endpoints released by a replica")
     for replica in started:
         if replica.process.process is not None and replica.process.process.poll() is None:
             os.kill(replica.process.process.pid, signal.SIGCONT)
