@@ -36,7 +36,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,22 +197,18 @@ def _print_figures() -> None:
                   f" s (median {statistics.median(values):.1f}, max {max(values):.1f})")
 
 
-@dataclass
 class Sampler(threading.Thread):
     """Reads the token Secret every half second: each token seen, with when it was seen."""
 
-    kube: Kube
-    namespace: str
-    name: str
-    seen: list[tuple[float, str]] = field(default_factory=list)
-    stopping: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
+    def __init__(self, kube: Kube, namespace: str, secret: str) -> None:
         super().__init__(daemon=True)
+        self.kube, self.namespace, self.secret = kube, namespace, secret
+        self.seen: list[tuple[float, str]] = []
+        self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.wait(0.5):
-            data = self.kube.secret_data(self.namespace, self.name) or {}
+            data = self.kube.secret_data(self.namespace, self.secret) or {}
             if "access_token" in data:
                 self.seen.append((time.time(), data["access_token"]))
 
@@ -443,6 +438,8 @@ def _namespaced_documents(cluster: Cluster, namespace: str) -> list[dict[str, An
 def test_the_namespaced_install_serves_its_namespace_only(cluster: Cluster, kube: Kube, server: TokenServer) -> None:
     namespace = f"inst-ns-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", namespace)
+    # a server-side dry run stores nothing, not even the namespace the other objects go to: that one first
+    cluster.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
     listed = json.dumps({"apiVersion": "v1", "kind": "List", "items": _namespaced_documents(cluster, namespace)})
     dry = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=listed, check=False)
     assert dry.returncode == 0, dry.stderr
