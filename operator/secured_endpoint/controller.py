@@ -122,7 +122,8 @@ class Controller:
         if endpoint is None:
             return
         token = endpoint.runtime.token
-        if fingerprint in (endpoint.recorded.token_fingerprint, token.fingerprint if token is not None else None):
+        if fingerprint is not None and fingerprint in (endpoint.recorded.token_fingerprint,
+                                                       token.fingerprint if token is not None else None):
             return  # what the operator wrote (its watch event may come before the status is updated)
         endpoint.runtime.targets_dirty = True
         self._plan(endpoint, startup=False)

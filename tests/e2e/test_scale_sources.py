@@ -253,10 +253,10 @@ def test_a_restart_asks_for_no_token(default_mode: OperatorProcess, kube: Kube, 
     _quiet(idp, before + 1)
 
 
-@pytest.mark.xfail(strict=True, reason="Controller.target_changed takes a deletion (fingerprint None) for the "
-                   "operator's own write while it holds no token in memory, as after a restart")
 def test_after_a_restart_a_deleted_token_secret_is_written_again(default_mode: OperatorProcess, kube: Kube,
                                                                  idp: TokenServer) -> None:
+    """After a restart the operator holds no token in memory: a deleted token Secret (and no Redis target to read
+    it back from) is written again with a new token, at once (docs/contract.md §2.3)."""
     _client(kube, idp, "after-restart-oauth")
     _endpoint(kube, idp, "after-restart", "after-restart-oauth")
     starts = len(_listed_secrets(default_mode))
@@ -267,9 +267,9 @@ def test_after_a_restart_a_deleted_token_secret_is_written_again(default_mode: O
     time.sleep(1.0)  # every endpoint handed over after the barrier
     kube.core.delete_namespaced_secret("after-restart-token", APP)
     try:
-        wait_for(lambda: _fingerprint(kube, "after-restart") == held, timeout=AT_ONCE,
+        wait_for(lambda: _fingerprint(kube, "after-restart") not in (None, held), timeout=AT_ONCE,
                  message="the restarted operator to write the token Secret again")
-        _quiet(idp, before)
+        assert idp.token_requests == before + 1
     finally:  # leave no endpoint without its token Secret for the tests after this one
         kube.delete_endpoint(APP, "after-restart")
         wait_for(lambda: kube.get_endpoint(APP, "after-restart") is None, timeout=10,
@@ -292,8 +292,8 @@ def test_a_namespace_glob_takes_over_and_sees_a_rotation_at_once(
         wait_for(lambda: _listed_secrets(glob), timeout=15, message="the glob operator to list its namespaces")
         assert _listed_secrets(glob)[-1] >= unrelated
         log = glob.log_text()
-        assert f"Serving namespace {APP}." in log
-        assert "Serving namespace sc-bulk-0." in log
+        # with cluster-wide list rights a glob watches Secrets cluster-wide; per namespace only under Roles
+        assert "Serving namespace" not in log
         _quiet(idp, before)  # every endpoint of the default-mode operator holds a valid token
         client_id, _ = _client(kube, idp, "glob-oauth")
         _endpoint(kube, idp, "glob", "glob-oauth")
