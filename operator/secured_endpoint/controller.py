@@ -211,7 +211,8 @@ class Controller:
             # the operator's own errors (KubeError, TargetError) say what failed without secrets; anything else
             # is unexpected and its text may quote data, so only its type is logged
             detail = str(exc) if isinstance(exc, kube.KubeError | TargetError) else type(exc).__name__
-            logger.error("Reconciling %s/%s failed (%s); retrying in %.0f s.", *key, detail, delay)
+            logger.error("Reconciling %s/%s failed (%s); retrying in %.0f s.", *key, detail, delay,
+                         extra=endpoint.log_fields())
             self.scheduler.schedule(key, self.clock().timestamp() + delay, keep_earlier=True)
 
     async def reconcile(self, key: Key) -> None:
@@ -253,7 +254,7 @@ class Controller:
             if token is None:
                 decision = policy.Decision(policy.Action.FETCH, ("the targets lost the token",), decision.forced)
         if decision.fetch:
-            logger.info("Fetching a token for %s/%s: %s.", *key, "; ".join(decision.why))
+            logger.info("Fetching a token for %s/%s: %s.", *key, "; ".join(decision.why), extra=endpoint.log_fields())
             token = await self._fetch(endpoint, decision, now)
             if token is None:
                 return
@@ -375,7 +376,8 @@ class Controller:
         try:
             await target.delete(endpoint.owner, location)
         except TargetError as exc:
-            logger.warning("Could not remove the old token of %s/%s: %s", endpoint.namespace, endpoint.name, exc)
+            logger.warning("Could not remove the old token of %s/%s: %s", endpoint.namespace, endpoint.name, exc,
+                           extra=endpoint.log_fields())
             return False
         return True
 
@@ -432,9 +434,9 @@ class Controller:
                     if not target.expires_by_itself:
                         raise
                     logger.warning("Could not remove the token of %s/%s: %s (it expires with the token)",
-                                   endpoint.namespace, endpoint.name, exc)
+                                   endpoint.namespace, endpoint.name, exc, extra=endpoint.log_fields())
         await self._set_finalizer(endpoint, present=False)
-        logger.info("Cleaned up after %s/%s.", endpoint.namespace, endpoint.name)
+        logger.info("Cleaned up after %s/%s.", endpoint.namespace, endpoint.name, extra=endpoint.log_fields())
 
     async def _set_finalizer(self, endpoint: Endpoint, *, present: bool) -> None:
         """Add or remove our finalizer with the resourceVersion as precondition, so a finalizer another

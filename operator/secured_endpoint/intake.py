@@ -103,6 +103,16 @@ class Endpoint:
     def spec(self) -> api.SecuredEndpointSpec | None:
         return self.desired.spec
 
+    def log_fields(self, reason: str | None = None) -> dict[str, Any]:
+        """``extra=`` of a log line about this endpoint: in the JSON log format the object (kopf's ``object``
+        field: namespace, name, uid) and the Ready reason of a failure as fields of their own."""
+        fields: dict[str, Any] = {"k8s_ref": {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND,
+                                              "namespace": self.namespace, "name": self.name,
+                                              "uid": self.desired.uid}}
+        if reason is not None:
+            fields["reason"] = reason
+        return fields
+
     @property
     def served_until(self) -> datetime | None:
         """Expiry of the newest token a target holds: the status records a token only once one does."""

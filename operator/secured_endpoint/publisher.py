@@ -34,7 +34,7 @@ class StatusPublisher:
         ready = wanted.ready
         if ready is not None and ready.status != "True" and ready.reason != api.Reason.SUSPENDED:
             logger.warning("%s/%s is not ready (%s): %s", endpoint.namespace, endpoint.name, ready.reason,
-                           ready.message)
+                           ready.message, extra=endpoint.log_fields(ready.reason))
         before = endpoint.recorded
         wanted_json = wanted.to_json()
         patch = status.merge_patch(endpoint.stored, wanted_json)
@@ -47,7 +47,8 @@ class StatusPublisher:
         except kube.KubeError as exc:
             if exc.not_found:  # deleted meanwhile: its DELETED event follows
                 return True
-            logger.warning("Could not write the status of %s/%s: %s", endpoint.namespace, endpoint.name, exc)
+            logger.warning("Could not write the status of %s/%s: %s", endpoint.namespace, endpoint.name, exc,
+                           extra=endpoint.log_fields())
             return False
         endpoint.recorded, endpoint.stored = wanted, wanted_json
         self.metrics.observe_status(endpoint.namespace, endpoint.name, wanted)

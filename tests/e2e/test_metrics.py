@@ -224,3 +224,10 @@ def test_json_log_lines_are_objects_that_name_the_endpoint(metrics_operator: Ope
         named = re.search(rf"{re.escape(msetup.namespace)}/{re.escape(name)}(-nocreds)?\b", record["message"]) \
             or (ref.get("namespace") == msetup.namespace and str(ref.get("name", "")).startswith(name))
         assert named, f"a line about the endpoint that does not name it: {record}"
+    # the operator's own lines about an endpoint carry it as fields too, and a failure its reason
+    own = [record for record in about if record["message"].startswith((f"{msetup.namespace}/", "Fetching a token"))]
+    assert own
+    for record in own:
+        ref = record.get("object") or {}
+        assert (ref.get("namespace"), str(ref.get("name", "")).startswith(name)) == (msetup.namespace, True), record
+    assert any(record.get("reason") == "CredentialsNotFound" for record in own)

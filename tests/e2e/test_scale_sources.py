@@ -175,8 +175,9 @@ def _quiet(idp: TokenServer, before: int, seconds: float = 1.5) -> None:
 
 def test_starts_beside_thousands_of_unrelated_secrets_and_serves(default_mode: OperatorProcess, kube: Kube,
                                                                   idp: TokenServer, unrelated: int) -> None:
-    listed = _listed_secrets(default_mode)
-    assert listed, "the operator's log says how many Secrets it listed"
+    # "started" is logged before the watches have listed: the count follows
+    listed = wait_for(lambda: _listed_secrets(default_mode), timeout=30,
+                      message="the operator's log to say how many Secrets it listed")
     assert listed[-1] >= unrelated, f"the operator listed {listed[-1]} Secrets, not the {unrelated}"
     before = idp.token_requests
     _client(kube, idp, "serve-oauth")
