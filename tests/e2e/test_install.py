@@ -363,6 +363,9 @@ def test_a_rolling_update_loses_no_refresh(cluster: Cluster, kube: Kube, server:
     cluster.kubectl("rollout", "status", "-n", SYSTEM, "deployment/secured-endpoint-operator", "--timeout=240s",
                     timeout=250)
     FIGURES["rollout restart"] = [time.monotonic() - started]
+    # the old Pods gone, terminating ones included (kubectl wait -l would wait for them to be Ready)
+    wait_for(lambda: not old & {pod["metadata"]["name"] for pod in _json(
+        cluster, "get", "pods", "-n", SYSTEM, "-l", SELECTOR)["items"]}, timeout=60, message="the old Pods gone")
     pods = _wait_two_ready(cluster)
     assert not old & {pod["metadata"]["name"] for pod in pods}
     wait_for(lambda: _holder_pod(_holder(cluster)) in {pod["metadata"]["name"] for pod in pods}, timeout=30,
