@@ -1,8 +1,9 @@
 """The one place that talks to the Kubernetes API (besides kopf's own watches).
 
-An async httpx client built from the same kubeconfig / in-cluster credentials kopf uses. Requests are
-bounded (``max_in_flight``), because neither kopf's nor the official client limits them. Errors carry the
-apiserver's status message, which never contains Secret data.
+An async aiohttp client built from the same kubeconfig / in-cluster credentials kopf uses (aiohttp is kopf's
+own client; httpx, which the token client uses, costs about nine times its CPU per request here:
+docs/benchmarks/scale_suite.md, "H"). Requests are bounded (``max_in_flight``), because neither kopf's nor the
+official client limits them. Errors carry the apiserver's status message, which never contains Secret data.
 
 Retries (:func:`retryable`): a 429 is always retried, honouring ``Retry-After`` — the server did not act on
 the request. A 5xx or a broken connection is retried only for requests that are safe to repeat (GET, PUT,
@@ -26,12 +27,12 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncGenerator, Generator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
 from secured_endpoint import api, schedule
 
@@ -43,7 +44,9 @@ _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # second DELETE finds nothing, and a precondition keeps it to the object meant). POST creates.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"})
 # Raised before any byte of the request was sent: even a POST can be retried.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# What a lost, refused or silent connection raises (a status is never raised: responses are read as they come).
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 _MAX_ATTEMPTS = 5
 # The n-th retry waits up to 0.4 * 2^(n-1) s, at most 5 s: an apiserver hiccup is usually over by then.
 RETRY_BACKOFF = schedule.Backoff(base_seconds=0.4, cap_seconds=5.0)
@@ -123,56 +126,69 @@ def _bearer_of(configuration: Any) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else str(header).strip()
 
 
-class _BearerAuth(httpx.Auth):
-    """Adds the bearer token. A rotating one (projected service-account token, exec plugin) is re-read at
-    most once a minute — the kubernetes package's hook re-reads the whole kubeconfig, far too slow for every
-    request — and at once when the apiserver answers 401."""
+class _Bearer:
+    """The bearer token. A rotating one (projected service-account token, exec plugin) is re-read at most once
+    a minute — the kubernetes package's hook re-reads the whole kubeconfig, far too slow for every request — and
+    at once when the apiserver answers 401; in a thread, since the hook reads files or runs a plugin."""
 
     REFRESH_SECONDS = 60.0
 
     def __init__(self, credentials: Credentials) -> None:
-        self._credentials = credentials
+        self._configuration = credentials.configuration
         self._token = credentials.token
         self._refreshed_at = time.monotonic()
+        self._lock = asyncio.Lock()
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if time.monotonic() - self._refreshed_at > self.REFRESH_SECONDS:
-            self._refresh()
-        self._apply(request)
-        response = yield request
-        if response.status_code == 401 and self._credentials.configuration is not None:
-            self._refresh()
-            self._apply(request)
-            yield request
+    async def headers(self) -> dict[str, str]:
+        if self._configuration is not None and time.monotonic() - self._refreshed_at > self.REFRESH_SECONDS:
+            await self.renew()
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-    def _refresh(self) -> None:
-        configuration = self._credentials.configuration
-        self._refreshed_at = time.monotonic()
-        if configuration is not None:
-            configuration.refresh_api_key_hook(configuration)
+    async def renew(self) -> bool:
+        """Read a rotating token again (after a 401); False if it cannot rotate."""
+        configuration = self._configuration
+        if configuration is None:
+            return False
+        async with self._lock:
+            await asyncio.to_thread(configuration.refresh_api_key_hook, configuration)
             self._token = _bearer_of(configuration)
+            self._refreshed_at = time.monotonic()
+        return True
 
-    def _apply(self, request: httpx.Request) -> None:
-        if self._token:
-            request.headers["Authorization"] = f"Bearer {self._token}"
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    reason: str
+    retry_after: str | None
+    content: bytes
 
 
 class KubeClient:
     """Typed, bounded access to the few API calls the operator makes."""
 
     def __init__(self, credentials: Credentials, *, max_in_flight: int = 20, timeout: float = 30.0) -> None:
-        # The pool itself is unbounded: the semaphore bounds the requests, and each long-lived watch holds a
-        # connection of its own without taking a request's place (one per watched kind and namespace).
-        self._client = httpx.AsyncClient(
-            base_url=credentials.server, verify=credentials.tls, auth=_BearerAuth(credentials),
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_in_flight),
-            headers={"User-Agent": "secured-endpoint-operator", "Accept": "application/json"},
-        )
+        self._server = credentials.server
+        self._tls = credentials.tls
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=10.0)
+        self._bearer = _Bearer(credentials)
+        self._http: aiohttp.ClientSession | None = None  # made on first use: aiohttp wants a running loop
         self._slots = asyncio.Semaphore(max_in_flight)
 
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            # The pool itself is unbounded: the semaphore bounds the requests, and each long-lived watch holds a
+            # connection of its own without taking a request's place (one per watched kind and namespace).
+            # trust_env: HTTPS_PROXY / NO_PROXY apply as they do to kubectl.
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._tls, limit=0), timeout=self._timeout, trust_env=True,
+                headers={"User-Agent": "secured-endpoint-operator", "Accept": "application/json"})
+        return self._http
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     # -- generic request with bounded concurrency and retries -----------------------------------
 
@@ -183,30 +199,45 @@ class KubeClient:
         """One API call, at most ``max_in_flight`` at once, retried as :func:`retryable` allows."""
         method = method.upper()
         sent_headers = dict(headers or {})
+        data = None
         if json_body is not None:
             sent_headers["Content-Type"] = content_type
+            data = json.dumps(json_body).encode()
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             async with self._slots:
                 try:
-                    response = await self._client.request(method, path, json=json_body, headers=sent_headers,
-                                                          params=params)
-                except httpx.TransportError as exc:
+                    answer: _Answer | None = await self._exchange(method, path, data, sent_headers, params)
+                except TRANSPORT_ERRORS as exc:
                     if attempt == _MAX_ATTEMPTS or not retryable(method, transport_error=exc):
                         raise KubeError(0, "Unreachable",
                                         f"Kubernetes API unreachable: {type(exc).__name__}") from None
-                    response = None
+                    answer = None
             # the wait happens outside the slot: a request that is waiting is not in flight
-            if response is None:
+            if answer is None:
                 await asyncio.sleep(schedule.jittered_backoff(RETRY_BACKOFF, failures=attempt, rng=_rng))
                 continue
-            if response.status_code < 400:
-                body: JSON = response.json() if response.content else {}
+            if answer.status < 400:
+                body: JSON = json.loads(answer.content) if answer.content else {}
                 return body
-            if attempt < _MAX_ATTEMPTS and retryable(method, status=response.status_code):
-                await asyncio.sleep(retry_delay(response.headers.get("Retry-After"), attempt))
+            if attempt < _MAX_ATTEMPTS and retryable(method, status=answer.status):
+                await asyncio.sleep(retry_delay(answer.retry_after, attempt))
                 continue
-            raise _error_of(response)
+            raise _error_of(answer.status, answer.reason, answer.content)
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    async def _exchange(self, method: str, path: str, data: bytes | None, headers: Mapping[str, str],
+                        params: Mapping[str, str] | None) -> _Answer:
+        """Send once and read the whole answer; a 401 with a rotating token is sent again with the new one."""
+        session = self._session()
+        url = self._server + path
+        async with session.request(method, url, data=data, params=params,
+                                   headers={**headers, **await self._bearer.headers()}) as response:
+            content = await response.read()
+        if response.status == 401 and await self._bearer.renew():
+            async with session.request(method, url, data=data, params=params,
+                                       headers={**headers, **await self._bearer.headers()}) as response:
+                content = await response.read()
+        return _Answer(response.status, response.reason or "", response.headers.get("Retry-After"), content)
 
     # -- Secrets and ConfigMaps -----------------------------------------------------------------
 
@@ -286,9 +317,9 @@ class KubeClient:
                              resource_version: str, timeout_seconds: int) -> AsyncGenerator[JSON, None]:
         """The watch events (``{"type", "object"}``, objects as ``PartialObjectMetadata``) after
         ``resource_version``, bookmarks included, until the apiserver ends the watch after
-        ``timeout_seconds``. Raises :class:`KubeError` for a refused watch, ``httpx.TransportError`` for a
-        broken connection (including no byte for longer than the watch should last) and ``ValueError`` for a
-        line that is not JSON. Iterate it inside ``contextlib.aclosing`` so that leaving early closes the
+        ``timeout_seconds``. Raises :class:`KubeError` for a refused watch and, with status 0, for a broken
+        connection (including no byte for longer than the watch should last), and ``ValueError`` for a line
+        that is not a JSON object. Iterate it inside ``contextlib.aclosing`` so that leaving early closes the
         stream.
 
         It uses the client's connection pool and credentials but none of the ``max_in_flight`` slots: a watch
@@ -297,18 +328,28 @@ class KubeClient:
                   "timeoutSeconds": str(timeout_seconds)}
         if label_selector:
             params["labelSelector"] = label_selector
-        timeout = httpx.Timeout(10.0, read=timeout_seconds + WATCH_READ_SLACK_SECONDS)
-        async with self._client.stream("GET", collection_path(resource, namespace), params=params,
-                                       headers={"Accept": METADATA_MEDIA_TYPE}, timeout=timeout) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise _error_of(response)
-            async for line in response.aiter_lines():
-                if line.strip():
-                    event = json.loads(line)
-                    if not isinstance(event, dict):
-                        raise ValueError("a watch event that is not a JSON object")
-                    yield event
+        timeout = aiohttp.ClientTimeout(total=None, connect=10.0,
+                                        sock_read=timeout_seconds + WATCH_READ_SLACK_SECONDS)
+        headers = {"Accept": METADATA_MEDIA_TYPE, **await self._bearer.headers()}
+        try:
+            async with self._session().get(self._server + collection_path(resource, namespace), params=params,
+                                           headers=headers, timeout=timeout) as response:
+                if response.status != 200:
+                    if response.status == 401:
+                        await self._bearer.renew()  # the next round goes with the new token
+                    raise _error_of(response.status, response.reason or "", await response.read())
+                # one event per line; split here, since a line (an object's annotations) may outgrow aiohttp's
+                # readline limit
+                pending = b""
+                async for chunk in response.content.iter_any():
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield _watch_event(line)
+                if pending.strip():
+                    yield _watch_event(pending)
+        except TRANSPORT_ERRORS as exc:
+            raise KubeError(0, "Unreachable", f"watch connection lost: {type(exc).__name__}") from None
 
     async def serves(self, group: str, version: str, plural: str) -> bool:
         """Does the apiserver's discovery list ``plural`` in ``group/version`` now? (Right after an apiserver
@@ -395,12 +436,19 @@ def collection_path(resource: str, namespace: str | None = None) -> str:
     return f"/api/v1/namespaces/{namespace}/{resource}" if namespace else f"/api/v1/{resource}"
 
 
-def _error_of(response: httpx.Response) -> KubeError:
+def _error_of(status: int, reason: str, content: bytes) -> KubeError:
     try:
-        status = response.json()
-        return KubeError(response.status_code, str(status.get("reason", "")), str(status.get("message", "")))
-    except ValueError:
-        return KubeError(response.status_code, response.reason_phrase, "non-JSON error from the apiserver")
+        body = json.loads(content)
+        return KubeError(status, str(body.get("reason", "")), str(body.get("message", "")))
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not a Status object
+        return KubeError(status, reason, "non-JSON error from the apiserver")
+
+
+def _watch_event(line: bytes) -> JSON:
+    event = json.loads(line)
+    if not isinstance(event, dict):
+        raise ValueError("a watch event that is not a JSON object")
+    return event
 
 
 def decode_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
@@ -514,8 +562,6 @@ class MetadataWatch:
                 error = exc
                 if exc.status == 410:  # a continue token expired while paging: start the LIST over
                     self.resource_version = None
-            except httpx.RequestError as exc:  # unreachable, broken stream, silent past the read timeout
-                error = KubeError(0, "Unreachable", f"watch connection lost: {type(exc).__name__}")
             except ValueError:
                 error = KubeError(0, "BadResponse", "the apiserver sent a line that is not a JSON object")
             self.failures += 1
