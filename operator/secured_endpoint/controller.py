@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from secured_endpoint import api, kube, metrics, policy, schedule, status, tokens
+from secured_endpoint import api, credentials, kube, metrics, policy, schedule, status, tokens
 from secured_endpoint.intake import Endpoint, Key, Registry
 from secured_endpoint.publisher import StatusPublisher
 from secured_endpoint.refresher import FetchFailed, Refresher
@@ -64,7 +64,8 @@ class Controller:
         # over without a relist. Without leader election the one replica leads from the start.
         self.leading = False
         self.registry = Registry(self.targets)
-        self.refresher = Refresher(self.client, self.token_client, self.clock, self.rng)
+        self.sources = credentials.SourceReader(self.client, self.index.source_version)
+        self.refresher = Refresher(self.sources, self.token_client, self.clock, self.rng)
         self.publisher = StatusPublisher(self.client, self.settings.event_component)
         self.scheduler: schedule.Scheduler[Key] = schedule.Scheduler(
             self._reconcile_or_retry, concurrency=self.settings.refresh_concurrency, name="refresh",
@@ -109,6 +110,8 @@ class Controller:
 
     def source_changed(self, namespace: str, ref: api.SourceRef) -> None:
         """A Secret/ConfigMap was added, changed or deleted: the endpoints that use it look again."""
+        if self.index.source_version(namespace, ref) is None:
+            self.sources.forget(namespace, ref)
         for endpoint in self.registry.users_of(namespace, ref):
             self._plan(endpoint, startup=False)
 

@@ -13,6 +13,7 @@ never a value.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +50,53 @@ class LoadedCredentials:
     source_versions: dict[str, str]  # "Secret/name" -> resourceVersion, as recorded in the status
 
 
-async def load(client: kube.KubeClient, namespace: str, spec: api.SecuredEndpointSpec,
+# The watches' resourceVersion of a referenced object now (None: unknown, e.g. not labelled for the selector).
+CurrentVersion = Callable[[str, api.SourceRef], str | None]
+
+
+class SourceReader:
+    """Reads the referenced Secrets and ConfigMaps, and serves a read of an object the metadata watch says is
+    unchanged from the copy read last time: a refresh then costs no GET, and a Secret shared by a thousand
+    endpoints is read once per change, not a thousand times. Only what the token request needs is kept (kind,
+    data, resourceVersion), at most ``capacity`` objects, least recently used out first."""
+
+    def __init__(self, client: kube.KubeClient, current_version: CurrentVersion, *, capacity: int = 16384) -> None:
+        self._client = client
+        self._current_version = current_version
+        self._capacity = capacity
+        self._copies: OrderedDict[tuple[str, api.SourceRef], dict[str, Any]] = OrderedDict()
+        self.reads = 0  # GETs sent (the rest came from the copies)
+
+    async def read(self, namespace: str, ref: api.SourceRef) -> dict[str, Any] | None:
+        key = (namespace, ref)
+        copy = self._copies.get(key)
+        current = self._current_version(namespace, ref)
+        if copy is not None and current is not None and copy["metadata"]["resourceVersion"] == current:
+            self._copies.move_to_end(key)
+            return copy
+        self.reads += 1
+        obj = await _fetch(self._client, namespace, ref)
+        if obj is None:
+            self._copies.pop(key, None)
+            return None
+        self._copies[key] = {"kind": obj.get("kind") or ref.kind, "data": obj.get("data"),
+                             "binaryData": obj.get("binaryData"),
+                             "metadata": {"resourceVersion": str(obj["metadata"]["resourceVersion"])}}
+        self._copies.move_to_end(key)
+        while len(self._copies) > self._capacity:
+            self._copies.popitem(last=False)
+        return self._copies[key]
+
+    def forget(self, namespace: str, ref: api.SourceRef) -> None:
+        """The object is gone: drop its copy at once rather than when it ages out."""
+        self._copies.pop((namespace, ref), None)
+
+
+async def load(reader: SourceReader, namespace: str, spec: api.SecuredEndpointSpec,
                *, refresh_token: SecretStr | None = None) -> LoadedCredentials:
-    """Fetch every referenced object once (concurrently) and assemble the token request."""
+    """Read every referenced object once (concurrently) and assemble the token request."""
     refs = sorted(spec.referenced_sources())
-    fetched = await asyncio.gather(*(_fetch(client, namespace, ref) for ref in refs))
+    fetched = await asyncio.gather(*(reader.read(namespace, ref) for ref in refs))
     objects = dict(zip(refs, fetched, strict=True))
     missing = [str(ref) for ref, obj in objects.items() if obj is None]
     if missing:

@@ -44,7 +44,7 @@ class FetchFailed:
 
 @dataclass
 class Refresher:
-    client: kube.KubeClient
+    sources: credentials.SourceReader
     token_client: tokens.TokenClient
     clock: Callable[[], datetime]
     rng: random.Random  # the refresh time's jitter
@@ -57,7 +57,7 @@ class Refresher:
         started = time.monotonic()
         requested: float | None = None  # when the HTTP request began: reading the credentials is timed apart
         try:
-            loaded = await credentials.load(self.client, namespace, spec, refresh_token=refresh_token)
+            loaded = await credentials.load(self.sources, namespace, spec, refresh_token=refresh_token)
             requested = time.monotonic()
             self.metrics.observe_credentials_read(requested - started)
             response = await self.token_client.fetch(loaded.request)

@@ -60,7 +60,8 @@ def key_pem(key: Any) -> bytes:
 
 async def load(kube: FakeKube, **spec: Any) -> credentials.LoadedCredentials:
     raw = {"tokenUrl": "https://idp.example/token", "clientSecretRef": {"name": "oauth"}, **spec}
-    return await credentials.load(kube, "ns", api.parse_spec(raw))  # type: ignore[arg-type]
+    reader = credentials.SourceReader(kube, lambda namespace, ref: None)  # type: ignore[arg-type]
+    return await credentials.load(reader, "ns", api.parse_spec(raw))
 
 
 async def failure(kube: FakeKube, **spec: Any) -> credentials.CredentialsError:
