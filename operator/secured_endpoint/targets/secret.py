@@ -64,6 +64,17 @@ class SecretTarget:
                         raise
                     self._owned_uids.pop(cache_key, None)
                     body["metadata"].pop("uid", None)
+            if self._held is not None and self._held(owner.namespace, name) is None:
+                # the watches know no token Secret of this name (a new endpoint): create it without asking
+                # first; one that exists after all answers 409, and is then read as below
+                try:
+                    created = await self._client.create_secret(owner.namespace, body)
+                except kube.KubeError as exc:
+                    if not exc.conflict:
+                        raise
+                else:
+                    self._owned_uids[cache_key] = created["metadata"]["uid"]
+                    return
             existing = await self._client.get_secret(owner.namespace, name)
             if existing is None:
                 try:
