@@ -43,13 +43,19 @@ class Desired:
     finalizers: tuple[str, ...]
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Desired:
+    def from_body(cls, body: Mapping[str, Any], previous: Desired | None = None) -> Desired:
+        """``previous``: what the same object said before; its parsed spec is kept while the generation stays
+        (only a spec change moves it), so the echo of every status write costs no validation."""
         meta = body.get("metadata") or {}
-        try:
-            spec, spec_error = api.parse_spec(body.get("spec") or {}), None
-        except api.SpecError as exc:
-            spec, spec_error = None, str(exc)
-        return cls(uid=str(meta.get("uid", "")), generation=int(meta.get("generation") or 0),
+        uid, generation = str(meta.get("uid", "")), int(meta.get("generation") or 0)
+        if previous is not None and generation and (previous.uid, previous.generation) == (uid, generation):
+            spec, spec_error = previous.spec, previous.spec_error
+        else:
+            try:
+                spec, spec_error = api.parse_spec(body.get("spec") or {}), None
+            except api.SpecError as exc:
+                spec, spec_error = None, str(exc)
+        return cls(uid=uid, generation=generation,
                    resource_version=str(meta.get("resourceVersion", "")), spec=spec, spec_error=spec_error,
                    refresh_request=(meta.get("annotations") or {}).get(api.REFRESH_ANNOTATION),
                    deleting=bool(meta.get("deletionTimestamp")),
@@ -154,19 +160,21 @@ class Registry:
         when it takes over; the leader's own view is ahead of the watch's echo of its writes."""
         meta = body.get("metadata") or {}
         key: Key = (str(meta["namespace"]), str(meta["name"]))
-        desired = Desired.from_body(body)
         endpoint = self._endpoints.get(key)
+        desired = Desired.from_body(body, endpoint.desired if endpoint is not None else None)
+        respecified = endpoint is None or endpoint.desired.spec is not desired.spec
         if endpoint is None or endpoint.desired.uid != desired.uid:
             if endpoint is not None:
                 self._unindex(endpoint)
             endpoint = Endpoint(namespace=key[0], name=key[1], desired=desired, recorded=EndpointStatus(),
                                 stored={})
             self._endpoints[key] = endpoint
-            adopt_status = True
+            adopt_status = respecified = True
         if adopt_status:
             adopt(endpoint, body.get("status"))
         endpoint.desired = desired
-        self._index(endpoint)
+        if respecified:  # else the reverse maps hold what this very spec references already
+            self._index(endpoint)
         return endpoint
 
     def forget(self, key: Key) -> Endpoint | None:
