@@ -27,6 +27,8 @@ import logging
 import random
 import ssl
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -179,9 +181,11 @@ class KubeClient:
         if self._http is None:
             # The pool itself is unbounded: the semaphore bounds the requests, and each long-lived watch holds a
             # connection of its own without taking a request's place (one per watched kind and namespace).
-            # trust_env: HTTPS_PROXY / NO_PROXY apply as they do to kubectl.
+            # HTTPS_PROXY / NO_PROXY apply as they do to kubectl, read once: aiohttp's trust_env would read them
+            # and ~/.netrc again in a thread for every request.
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._tls, limit=0), timeout=self._timeout, trust_env=True,
+                connector=aiohttp.TCPConnector(ssl=self._tls, limit=0), timeout=self._timeout,
+                proxy=environment_proxy(self._server),
                 headers={"User-Agent": "secured-endpoint-operator", "Accept": "application/json"})
         return self._http
 
@@ -429,6 +433,16 @@ def retry_delay(retry_after: str | None, attempt: int, *, rng: random.Random = _
     if seconds is not None:
         return min(seconds, MAX_RETRY_AFTER_SECONDS)
     return schedule.jittered_backoff(RETRY_BACKOFF, failures=attempt, rng=rng)
+
+
+def environment_proxy(server: str) -> str | None:
+    """The proxy the environment names for ``server`` (``HTTPS_PROXY``/``HTTP_PROXY``, unless ``NO_PROXY``
+    lists its host), as kubectl and client-go choose it."""
+    parts = urllib.parse.urlsplit(server)
+    host = parts.hostname or ""
+    if not host or urllib.request.proxy_bypass(host if parts.port is None else f"{host}:{parts.port}"):
+        return None
+    return urllib.request.getproxies_environment().get(parts.scheme or "https")
 
 
 def collection_path(resource: str, namespace: str | None = None) -> str:

@@ -109,3 +109,21 @@ def test_watch_errors_that_only_need_a_retry(status: dict[str, object]) -> None:
 def test_collection_paths() -> None:
     assert kube.collection_path("secrets") == "/api/v1/secrets"
     assert kube.collection_path("configmaps", "team-a") == "/api/v1/namespaces/team-a/configmaps"
+
+
+@pytest.mark.parametrize(("environment", "server", "proxy"), [
+    ({}, "https://10.0.0.1:6443", None),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, "https://10.0.0.1:6443", "http://proxy:3128"),
+    ({"https_proxy": "http://proxy:3128", "NO_PROXY": "10.0.0.1"}, "https://10.0.0.1:6443", None),
+    ({"HTTPS_PROXY": "http://proxy:3128", "no_proxy": ".svc,.cluster.local"}, "https://kubernetes.default.svc",
+     None),
+    ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": ".svc"}, "https://api.example.com", "http://proxy:3128"),
+    ({"HTTP_PROXY": "http://plain:3128"}, "https://10.0.0.1:6443", None),  # only https_proxy serves https
+])
+def test_the_environment_names_the_proxy_once(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str],
+                                              server: str, proxy: str | None) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert kube.environment_proxy(server) == proxy
