@@ -11,8 +11,9 @@ that require a password of their own; the operator in Sentinel mode (``SEP_REDIS
 - a sampler reading every key through the sentinels (as a gateway would) throughout never read an expired
   token: a hash whose ``expires_at`` is past by a whole second (``expires_at`` is rounded down; the key itself
   expires at the exact millisecond) or whose token the token server's own record says has expired; nor a
-  hash with fields missing, nor a key missing while its endpoint lives. Reads that fail during the failover
-  are counted, not judged;
+  hash with fields missing, nor a key missing outside the failover (a 6-s token due while no master takes
+  writes expires in Redis, and its key is gone until the operator writes the new token to the new master: that
+  is counted, and must end by the recovery). Reads that fail during the failover are counted, not judged;
 - a gateway (the library's ``RedisTokenSource`` over a Sentinel-managed client) asking for a refresh on
   ``<prefix>:refresh`` after the failover gets a new token: the operator's subscription followed the master.
 
@@ -61,7 +62,7 @@ class KeySampler(threading.Thread):
         self.reads = self.failed_reads = 0
         self.expired: list[tuple[str, str, float]] = []  # (key, why, seconds past)
         self.broken: list[tuple[str, str]] = []
-        self.missing: list[str] = []
+        self.missing: list[tuple[str, float]] = []  # (key, when: time.monotonic())
         self._halt = threading.Event()
 
     def _expiries(self) -> dict[str, float]:
@@ -77,7 +78,7 @@ class KeySampler(threading.Thread):
             self.reads += 1
             now = time.time()
             if not fields:
-                self.missing.append(key)
+                self.missing.append((key, time.monotonic()))
                 continue
             if set(fields) != set(wire.REDIS_FIELDS) or fields["fingerprint"] != wire.fingerprint(
                     fields["access_token"]):
@@ -185,8 +186,8 @@ def _failover(chaos: Chaos, sentinels: SentinelGroup, master: RedisServer, repli
             chaos.kube.wait_ready(chaos.namespace, name, timeout=10)
 
         answered = asyncio.run(_gateway_refresh(sentinels, password, sentinel_password, chaos.namespace, "e-1-0"))
-        assert answered.fingerprint == (chaos.kube.get_endpoint(chaos.namespace, "e-1-0") or {})["status"][
-            "tokenFingerprint"]
+        wait_for(lambda: (chaos.kube.get_endpoint(chaos.namespace, "e-1-0") or {})["status"]["tokenFingerprint"]
+                 == answered.fingerprint, message="the status naming the token the gateway got")  # written after Redis
         assert servers[1].is_valid(answered.access_token.get_secret_value())
         time.sleep(1)  # the sampler sees the settled state too
     finally:
@@ -202,11 +203,15 @@ def _failover(chaos: Chaos, sentinels: SentinelGroup, master: RedisServer, repli
     report("5a Redis Sentinel failover", endpoints=len(names), failover_s=round(failover, 2),
            recovery_s=round(recovery, 2), refreshed_s=round(refreshed, 2), sampler_reads=sampler.reads,
            failed_reads=sampler.failed_reads, expired_observed=len(sampler.expired),
-           broken_observed=len(sampler.broken), missing_observed=len(sampler.missing))
+           broken_observed=len(sampler.broken), missing_during_failover=len(sampler.missing))
     assert sampler.reads > 100
     assert sampler.expired == [], f"expired tokens read through the sentinels: {sampler.expired[:10]}"
     assert sampler.broken == [], f"malformed hashes read: {sampler.broken[:10]}"
-    assert sampler.missing == [], f"keys missing while their endpoint lives: {sampler.missing[:10]}"
+    # A 6-s token due for refresh while no master takes writes expires in Redis; its key may be missing until the
+    # operator writes the new one to the new master, never after that (nor before the kill).
+    late = [(key, round(when - killed, 2)) for key, when in sampler.missing
+            if not 0 <= when - killed <= recovery]
+    assert late == [], f"keys missing outside the failover (key, s after the kill): {late[:10]}"
     assert recovery < RECOVERY_BOUND
 
 
