@@ -180,7 +180,8 @@ def _failover(chaos: Chaos, sentinels: SentinelGroup, master: RedisServer, repli
             with replica.admin() as client:
                 return all(client.hget(key, "fingerprint") not in (None, before[name]) for name, key in keys.items())
 
-        wait_for(refreshed_on_new_master, timeout=30, interval=0.1, message="every endpoint refreshed on the new master")
+        wait_for(refreshed_on_new_master, timeout=30, interval=0.1,
+                 message="every endpoint refreshed on the new master")
         refreshed = time.monotonic() - killed
         for name in names:
             chaos.kube.wait_ready(chaos.namespace, name, timeout=10)
@@ -193,7 +194,8 @@ def _failover(chaos: Chaos, sentinels: SentinelGroup, master: RedisServer, repli
     finally:
         sampler.stop()
     operator_log = chaos.operator.log_text()
-    assert password not in operator_log and sentinel_password not in operator_log
+    assert password not in operator_log
+    assert sentinel_password not in operator_log
     for name in names:  # released through the operator while Redis is still there: the keys go too
         chaos.kube.delete_endpoint(chaos.namespace, name)
     wait_for(lambda: not chaos.endpoints(), timeout=20, message="the endpoints released")
