@@ -318,6 +318,7 @@ class RedisServer(_Process):
         self.replica_of = replica_of
         self.cluster = cluster
         self.cluster_node_timeout_ms = cluster_node_timeout_ms
+        self._cluster_port = 0  # the cluster bus: chosen free, not port + 10000 (which may be taken or > 65535)
 
     @property
     def host(self) -> str:
@@ -394,6 +395,10 @@ class RedisServer(_Process):
     def _prepare(self) -> None:
         if not self._port:
             self._port = _free_port()
+        if self.cluster and not self._cluster_port:
+            self._cluster_port = _free_port()
+            while self._cluster_port == self._port:
+                self._cluster_port = _free_port()
         if self.tls:
             if not self._tls_port:
                 self._tls_port = _free_port()
@@ -435,6 +440,7 @@ class RedisServer(_Process):
                 "cluster-enabled yes",
                 f"cluster-config-file {_quote_config(str(self.workdir / 'nodes.conf'))}",
                 f"cluster-node-timeout {self.cluster_node_timeout_ms}",
+                f"cluster-port {self._cluster_port}",
             ]
         if self.tls:
             lines += [

@@ -9,6 +9,7 @@ file. Cases:
   slot; every master holds exactly one ``_alive`` marker, in a slot it serves;
 - a gateway (the library's ``RedisTokenSource`` over ``redis.asyncio.RedisCluster``) reads the token, asks for a
   refresh on ``<prefix>:refresh`` and is answered (the operator subscribes on one node; the cluster broadcasts);
+  the blocking ``SyncRedisTokenSource`` over ``redis.RedisCluster`` reads the same layout;
 - FLUSHALL on the master holding the most keys: its keys and its marker come back within seconds, the other
   masters' keys untouched, and no token request is made.
 """
@@ -27,7 +28,7 @@ import redis.asyncio
 from secured_endpoint_devenv import controlplane
 from secured_endpoint_devenv.redisserver import RedisClusterGroup, RedisServer
 from secured_endpoint_devenv.tokenserver import TokenServer
-from secured_endpoint_gateway import RedisTokenSource, wire
+from secured_endpoint_gateway import RedisTokenSource, SyncRedisTokenSource, wire
 from tests.conftest import TEST_OPERATOR_ENV, Kube, OperatorProcess, Setup, _namespace, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -133,6 +134,10 @@ def test_a_gateway_refresh_is_answered(cluster: RedisClusterGroup, cluster_setup
         finally:
             await client.aclose()
 
+    with SyncRedisTokenSource(cluster_client(cluster), namespace, "gw", prefix=PREFIX) as blocking:
+        current = (kube.get_endpoint(namespace, "gw") or {})["status"]["tokenFingerprint"]
+        assert blocking.key == f"{PREFIX}:{{{namespace}:gw}}", "the layout guessed from the client's type"
+        assert blocking.get().fingerprint == current
     requests = token_server.token_requests
     refused, newer = asyncio.run(refresh())
     assert newer != refused
