@@ -5,8 +5,9 @@ that require a password of their own; the operator in Sentinel mode (``SEP_REDIS
 ``SEP_REDIS_SENTINEL_PASSWORD_FILE``, ``SEP_REDIS_PASSWORD_FILE``) with six endpoints whose tokens live 6 s or
 20 s, so refreshes fall into the failover. Then the master is SIGKILLed. Asserted:
 
-- the sentinels promote the replica, and within a bounded time every endpoint's key on the new master holds a
-  token the token server issued and still honours, whose fingerprint is ``status.tokenFingerprint``; every
+- the sentinels promote the replica, and within a bounded time every endpoint is Ready (no write pending) and its
+  key on the new master holds a token the token server issued and still honours, whose fingerprint is
+  ``status.tokenFingerprint``; every
   endpoint is then refreshed again on the new master (the operator writes there, not only the replica's copy);
 - a sampler reading every key through the sentinels (as a gateway would) throughout never read an expired
   token: a hash whose ``expires_at`` is past by a whole second (``expires_at`` is rounded down; the key itself
@@ -37,7 +38,7 @@ import redis.sentinel
 from secured_endpoint_devenv.redisserver import RedisServer, SentinelGroup, sentinel_group
 from secured_endpoint_devenv.tokenserver import TokenServer
 from secured_endpoint_gateway import GatewayToken, RedisTokenSource, wire
-from tests.chaos.conftest import Chaos, report
+from tests.chaos.conftest import Chaos, ready_for_generation, report
 from tests.conftest import Setup, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
@@ -163,11 +164,15 @@ def _failover(chaos: Chaos, sentinels: SentinelGroup, master: RedisServer, repli
         failover = time.monotonic() - killed
 
         def current_on_new_master() -> bool:
+            """Every endpoint Ready (no write pending: a token due during the failover is written) and its key on
+            the new master holding the token the status names, which the token server honours."""
             with replica.admin() as client:
                 for name, key in keys.items():
                     fields = client.hgetall(key)
-                    status = (chaos.kube.get_endpoint(chaos.namespace, name) or {}).get("status") or {}
-                    if not fields or fields["fingerprint"] != status.get("tokenFingerprint") \
+                    endpoint = chaos.kube.get_endpoint(chaos.namespace, name) or {}
+                    status = endpoint.get("status") or {}
+                    if not ready_for_generation(endpoint) or not fields \
+                            or fields["fingerprint"] != status.get("tokenFingerprint") \
                             or not names[name].is_valid(fields["access_token"]):
                         return False
             return True
