@@ -20,7 +20,19 @@ are generated with ``cryptography`` (``ca_path``, ``client_cert_path``, ``client
 ``tls_client_auth`` is Redis' ``tls-auth-clients``: ``"optional"`` (default: a client certificate is verified
 when presented), ``"yes"`` (required) or ``"no"``.
 
-:class:`RedisSentinel` runs ``redis-server --sentinel`` monitoring a :class:`RedisServer` under a master name.
+Replication and failover: ``RedisServer(replica_of=master)`` starts a replica (``replicaof``, authenticating
+with the master's credentials; every server with a password also sets ``masterauth``, so that a former master
+can follow a new one). :class:`RedisSentinel` runs ``redis-server --sentinel`` monitoring a :class:`RedisServer`
+under a master name (``quorum``, ``down_after_ms``, ``failover_timeout_ms``; ``password`` makes the sentinel
+require AUTH and authenticate to its peers with it). :func:`sentinel_group` starts several and waits until they
+know each other, which a failover needs::
+
+    with RedisServer(password="pw") as master, RedisServer(password="pw", replica_of=master) as replica, \
+            sentinel_group(master, 3, quorum=2, password="spw") as sentinels:
+        master.kill()   # the sentinels promote the replica; sentinels.master_address() tells which
+
+:class:`RedisClusterGroup` runs ``masters`` servers with ``cluster-enabled yes`` and creates the cluster with
+``redis-cli --cluster create … --cluster-replicas 0 --cluster-yes``, then waits for ``cluster_state:ok``.
 
 Readiness is a PING on the plain port that any answer satisfies (``-NOAUTH`` proves the server is serving as
 well as ``+PONG`` does), so no credentials are needed for it. Every process is cleaned up at interpreter exit.
@@ -44,9 +56,10 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 from urllib.parse import quote
 
+import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -286,8 +299,11 @@ class RedisServer(_Process):
 
     def __init__(self, *, password: str | None = None, acl_user: tuple[str, str] | None = None,
                  disable_default_user: bool = False, tls: bool = False, tls_client_auth: TlsClientAuth = "optional",
-                 port: int = 0, tls_port: int = 0, ready_timeout: float = 10.0) -> None:
+                 port: int = 0, tls_port: int = 0, replica_of: RedisServer | None = None, cluster: bool = False,
+                 cluster_node_timeout_ms: int = 2000, ready_timeout: float = 10.0) -> None:
         super().__init__(ready_timeout=ready_timeout)
+        if replica_of is not None and cluster:
+            raise ValueError("a cluster node's replicas are assigned by the cluster, not by replica_of")
         if disable_default_user and acl_user is None:
             raise ValueError("disable_default_user needs an acl_user, or nobody could log in")
         if acl_user is not None and (not acl_user[0] or any(c.isspace() for c in acl_user[0])):
@@ -299,10 +315,33 @@ class RedisServer(_Process):
         self.tls_client_auth: TlsClientAuth = tls_client_auth
         self._port = port
         self._tls_port = tls_port
+        self.replica_of = replica_of
+        self.cluster = cluster
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms
+        self._cluster_port = 0  # the cluster bus: chosen free, not port + 10000 (which may be taken or > 65535)
 
     @property
     def host(self) -> str:
         return _HOST
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (the plain port)."""
+        return f"{self.host}:{self.port}"
+
+    def admin(self, **options: Any) -> redis.Redis:
+        """A synchronous client on the plain port with :attr:`credentials` (``decode_responses`` on); close it."""
+        username, password = self.credentials
+        return redis.Redis(host=self.host, port=self.port, username=username, password=password,
+                           decode_responses=True, socket_timeout=5, **options)
+
+    def info(self, section: str) -> dict[str, Any]:
+        """``INFO <section>`` as a dict; empty when the server does not answer."""
+        try:
+            with self.admin() as client:
+                return dict(client.info(section))
+        except (redis.RedisError, OSError):
+            return {}
 
     @property
     def port(self) -> int:
@@ -356,6 +395,10 @@ class RedisServer(_Process):
     def _prepare(self) -> None:
         if not self._port:
             self._port = _free_port()
+        if self.cluster and not self._cluster_port:
+            self._cluster_port = _free_port()
+            while self._cluster_port == self._port:
+                self._cluster_port = _free_port()
         if self.tls:
             if not self._tls_port:
                 self._tls_port = _free_port()
@@ -374,6 +417,7 @@ class RedisServer(_Process):
             f"logfile {_quote_config(str(self.log_path))}",
             "daemonize no",
             "databases 16",
+            "repl-diskless-sync-delay 0",  # a replica syncs at once, not after Redis' default 5 s
         ]
         if self.password is not None:
             lines.append(f"requirepass {_quote_config(self.password)}")
@@ -382,6 +426,22 @@ class RedisServer(_Process):
             lines.append(f"user {name} on {_quote_config('>' + password)} ~* &* +@all")
         if self.disable_default_user:
             lines.append("user default off")
+        # so that this server can follow a master of the same group (its replica_of, or after a failover)
+        leader = self.replica_of or self
+        leader_user, leader_password = leader.credentials
+        if leader_password is not None:
+            lines.append(f"masterauth {_quote_config(leader_password)}")
+        if leader_user is not None:
+            lines.append(f"masteruser {leader_user}")
+        if self.replica_of is not None:
+            lines.append(f"replicaof {self.replica_of.host} {self.replica_of.port}")
+        if self.cluster:
+            lines += [
+                "cluster-enabled yes",
+                f"cluster-config-file {_quote_config(str(self.workdir / 'nodes.conf'))}",
+                f"cluster-node-timeout {self.cluster_node_timeout_ms}",
+                f"cluster-port {self._cluster_port}",
+            ]
         if self.tls:
             lines += [
                 f"tls-port {self.tls_port}",
@@ -397,15 +457,25 @@ class RedisServer(_Process):
 
 
 class RedisSentinel(_Process):
-    """``redis-server --sentinel`` monitoring ``master`` as ``master_name`` (no auth on the sentinel itself)."""
+    """``redis-server --sentinel`` monitoring ``master`` as ``master_name``.
+
+    ``password``: the sentinel's own ``requirepass`` (clients must AUTH), also used towards its peers
+    (``sentinel sentinel-pass``), so every sentinel of a group needs the same one. The master's credentials
+    (``sentinel auth-user``/``auth-pass``) are the master's :attr:`RedisServer.credentials`.
+    """
 
     _kind = "redis-sentinel"
 
-    def __init__(self, master: RedisServer, *, master_name: str = "mymaster", port: int = 0,
+    def __init__(self, master: RedisServer, *, master_name: str = "mymaster", port: int = 0, quorum: int = 1,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000, password: str | None = None,
                  ready_timeout: float = 10.0) -> None:
         super().__init__(ready_timeout=ready_timeout)
         self.master = master
         self.master_name = master_name
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.password = password
         self._port = port
 
     @property
@@ -423,6 +493,39 @@ class RedisSentinel(_Process):
         """``host:port``, as SEP_REDIS_SENTINELS lists it."""
         return f"{self.host}:{self.port}"
 
+    def admin(self) -> redis.Redis:
+        """A synchronous client to this sentinel (with its password); close it."""
+        return redis.Redis(host=self.host, port=self.port, password=self.password, decode_responses=True,
+                           socket_timeout=5)
+
+    def master_address(self) -> tuple[str, int] | None:
+        """Where this sentinel says the master is now, or None if it does not answer."""
+        try:
+            with self.admin() as client:
+                reply = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        except (redis.RedisError, OSError):
+            return None
+        return (str(reply[0]), int(reply[1])) if reply else None
+
+    def other_sentinels(self) -> int:
+        """How many other sentinels of this master this one knows (0 if it does not answer)."""
+        try:
+            with self.admin() as client:
+                fields = client.execute_command("SENTINEL", "MASTER", self.master_name)
+        except (redis.RedisError, OSError):
+            return 0
+        if isinstance(fields, list):  # RESP2: a flat name/value list
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        return int(fields.get("num-other-sentinels", 0))
+
+    def known_replicas(self) -> int:
+        """How many replicas of the master this sentinel knows (0 if it does not answer)."""
+        try:
+            with self.admin() as client:
+                return len(client.execute_command("SENTINEL", "REPLICAS", self.master_name))
+        except (redis.RedisError, OSError):
+            return 0
+
     def _prepare(self) -> None:
         if not self._port:
             self._port = _free_port()
@@ -439,26 +542,166 @@ class RedisSentinel(_Process):
             f"dir {_quote_config(str(self.workdir))}",
             f"logfile {_quote_config(str(self.log_path))}",
             "daemonize no",
-            f"sentinel monitor {name} {self.master.host} {self.master.port} 1",
-            f"sentinel down-after-milliseconds {name} 1000",
-            f"sentinel failover-timeout {name} 5000",
+            f"sentinel monitor {name} {self.master.host} {self.master.port} {self.quorum}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
         ]
         username, password = self.master.credentials
         if username is not None:
             lines.append(f"sentinel auth-user {name} {username}")
         if password is not None:
             lines.append(f"sentinel auth-pass {name} {_quote_config(password)}")
+        if self.password is not None:
+            lines += [f"requirepass {_quote_config(self.password)}",
+                      f"sentinel sentinel-pass {_quote_config(self.password)}"]
         return "\n".join(lines) + "\n"
 
     def _ready(self) -> bool:
         # the sentinel must also know the master: asking too early gives a null address
+        return self.master_address() is not None
+
+
+class SentinelGroup:
+    """Several :class:`RedisSentinel` of one master, started together (see :func:`sentinel_group`)."""
+
+    def __init__(self, sentinels: list[RedisSentinel]) -> None:
+        self.sentinels = sentinels
+
+    @property
+    def addresses(self) -> str:
+        """``host:port,host:port,…``: SEP_REDIS_SENTINELS."""
+        return ",".join(sentinel.address for sentinel in self.sentinels)
+
+    def master_address(self) -> tuple[str, int] | None:
+        """The master most of the running sentinels name now (None if they do not agree yet)."""
+        answers = [sentinel.master_address() for sentinel in self.sentinels if sentinel.running]
+        for answer in answers:
+            if answer is not None and answers.count(answer) * 2 > len(answers):
+                return answer
+        return None
+
+    def close(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def sentinel_group(master: RedisServer, count: int = 3, *, discovery_timeout: float = 30.0,
+                   **options: Any) -> SentinelGroup:
+    """``count`` sentinels of ``master`` (``options`` go to :class:`RedisSentinel`), returned once each knows
+    all the others (they find each other through the master's hello channel, every 2 s): only then can they
+    agree on a failover."""
+    sentinels: list[RedisSentinel] = []
+    group = SentinelGroup(sentinels)
+    try:
+        for _ in range(count):
+            sentinels.append(RedisSentinel(master, **options).start())
+        deadline = time.monotonic() + discovery_timeout
+        while any(sentinel.other_sentinels() < count - 1 for sentinel in sentinels):
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"the {count} sentinels did not discover each other within "
+                                       f"{discovery_timeout:.0f} s; log tail:\n{_tail(sentinels[0].log_path)}")
+            time.sleep(0.1)
+    except BaseException:
+        group.close()
+        raise
+    return group
+
+
+def redis_cli_binary() -> str:
+    found = shutil.which("redis-cli") or shutil.which("redis-cli", path="/usr/bin:/usr/local/bin")
+    if found is None:
+        raise RedisServerError("redis-cli not found on PATH: install it (apt-get install redis-tools)")
+    return found
+
+
+class RedisClusterGroup:
+    """A Redis Cluster of ``masters`` primaries and no replicas on 127.0.0.1 (``--cluster-replicas 0``).
+
+    Every node has the same ``password`` (``requirepass`` and ``masterauth``). ``nodes`` are the
+    :class:`RedisServer` objects (kill, restart, admin clients); :meth:`wait_ok` waits for ``cluster_state:ok``
+    on every running node.
+    """
+
+    def __init__(self, masters: int = 3, *, password: str | None = None, node_timeout_ms: int = 2000,
+                 ready_timeout: float = 30.0) -> None:
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        self.password = password
+        self.ready_timeout = ready_timeout
+        self.nodes = [RedisServer(password=password, cluster=True, cluster_node_timeout_ms=node_timeout_ms)
+                      for _ in range(masters)]
+
+    @property
+    def seed(self) -> RedisServer:
+        return self.nodes[0]
+
+    def start(self) -> Self:
         try:
-            with socket.create_connection((_HOST, self.port), timeout=0.5) as sock:
-                sock.sendall(f"SENTINEL get-master-addr-by-name {self.master_name}\r\n".encode())
-                reply = sock.recv(256)
-        except OSError:
+            for node in self.nodes:
+                node.start()
+            command = [redis_cli_binary(), "--cluster", "create", *(node.address for node in self.nodes),
+                       "--cluster-replicas", "0", "--cluster-yes"]
+            environment = None
+            if self.password is not None:  # REDISCLI_AUTH: the password stays off the command line
+                environment = {"PATH": "/usr/bin:/bin", "REDISCLI_AUTH": self.password}
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment,
+                                    check=False)
+            if result.returncode != 0:
+                raise RedisServerError(f"redis-cli --cluster create failed (exit {result.returncode}):\n"
+                                       f"{(result.stdout + result.stderr)[-2000:]}")
+            self.wait_ok()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_ok(self, timeout: float | None = None) -> None:
+        """Until every running node says ``cluster_state:ok`` and knows every node."""
+        deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
+        while not all(self._node_ok(node) for node in self.nodes if node.running):
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"the cluster is not ok after {self.ready_timeout:.0f} s; log tail:\n"
+                                       f"{_tail(self.seed.log_path)}")
+            time.sleep(0.1)
+
+    def _node_ok(self, node: RedisServer) -> bool:
+        try:
+            with node.admin() as client:
+                info = client.execute_command("CLUSTER", "INFO")
+        except (redis.RedisError, OSError):
             return False
-        return reply.startswith(b"*2")
+        text = info if isinstance(info, str) else str(info)
+        return "cluster_state:ok" in text and f"cluster_known_nodes:{len(self.nodes)}" in text
+
+    def node_for_key(self, key: str) -> RedisServer:
+        """The node that owns ``key``'s slot (asked of the seed with CLUSTER KEYSLOT and CLUSTER SLOTS)."""
+        with self.seed.admin() as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        for entry in ranges:
+            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
+            if start <= slot <= end:
+                port = int(primary[1])
+                return next(node for node in self.nodes if node.port == port)
+        raise RedisServerError(f"no node owns slot {slot}")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,11 @@ bridged like that (the endpoint may be gone).
 
 ``RedisTokenSource`` needs ``redis.asyncio``; ``SyncRedisTokenSource`` uses the blocking client and a
 daemon thread for the listener. Both are safe to share between all requests of a process.
+
+Redis Cluster: give a ``RedisCluster`` client (or ``from_url(..., cluster=True)``). The key is then the
+cluster layout ``<prefix>:{<namespace>:<name>}`` (docs/contract.md §3.2; ``cluster=`` overrides the guess
+from the client's type), and the listener subscribes on one node over a plain connection (a cluster
+broadcasts classic pub/sub to every node), moving to the next node when that one fails.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class _RedisNames:
     """Key, channels and message formats of one endpoint, and the options both twins share."""
 
     def __init__(self, namespace: str, name: str, *, prefix: str, refresh_wait: float, expiry_skew: float,
-                 refresh_cooldown: float, poll_interval: float) -> None:
+                 refresh_cooldown: float, poll_interval: float, cluster: bool = False) -> None:
         if not namespace or not name or "/" in namespace or " " in namespace + name:
             raise ValueError("namespace and name must be non-empty Kubernetes names")
         if refresh_wait < 0 or expiry_skew < 0 or refresh_cooldown < 0 or poll_interval <= 0:
@@ -70,7 +75,8 @@ class _RedisNames:
         self.namespace = namespace
         self.name = name
         self.prefix = prefix
-        self.key = wire.token_key(prefix, namespace, name)
+        self.cluster = cluster
+        self.key = wire.token_key(prefix, namespace, name, cluster=cluster)
         self.endpoint = wire.endpoint_id(namespace, name)
         self.updated_channel = wire.updated_channel(prefix)
         self.refresh_channel = wire.refresh_channel(prefix)
@@ -147,13 +153,15 @@ class RedisTokenSource(_RedisNames):
     (or ``async with``). A client passed in stays open; one made by ``from_url`` is closed by ``aclose()``.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, namespace: str, name: str, *,
+    def __init__(self, client: redis.asyncio.Redis | redis.asyncio.RedisCluster, namespace: str, name: str, *,
                  prefix: str = DEFAULT_PREFIX, refresh_wait: float = 3.0, expiry_skew: float = 5.0,
-                 refresh_cooldown: float = 10.0, poll_interval: float = 0.1) -> None:
+                 refresh_cooldown: float = 10.0, poll_interval: float = 0.1, cluster: bool | None = None) -> None:
+        is_cluster = isinstance(client, redis.asyncio.RedisCluster) if cluster is None else cluster
         super().__init__(namespace, name, prefix=prefix, refresh_wait=refresh_wait, expiry_skew=expiry_skew,
-                         refresh_cooldown=refresh_cooldown, poll_interval=poll_interval)
+                         refresh_cooldown=refresh_cooldown, poll_interval=poll_interval, cluster=is_cluster)
         self._client = client
         self._owns_client = False
+        self._attempts = 0  # subscriptions tried: in cluster mode, which node the next one goes to
         self._cache: GatewayToken | None = None
         self._last: GatewayToken | None = None  # the token read last, cached or not (see fallback())
         self._generation = 0  # bumped by every invalidation; a read started before one is not cached
@@ -166,12 +174,15 @@ class RedisTokenSource(_RedisNames):
     @classmethod
     def from_url(cls, url: str, namespace: str, name: str, *, prefix: str = DEFAULT_PREFIX,
                  refresh_wait: float = 3.0, expiry_skew: float = 5.0, refresh_cooldown: float = 10.0,
-                 poll_interval: float = 0.1, **redis_options: Any) -> RedisTokenSource:
+                 poll_interval: float = 0.1, cluster: bool = False, **redis_options: Any) -> RedisTokenSource:
         """A source with its own client for ``redis://`` / ``rediss://`` ``url`` (``redis_options`` go to
-        ``redis.asyncio.Redis.from_url``, e.g. ``socket_timeout=5``)."""
-        source = cls(redis.asyncio.Redis.from_url(url, **redis_options), namespace, name, prefix=prefix,
-                     refresh_wait=refresh_wait, expiry_skew=expiry_skew, refresh_cooldown=refresh_cooldown,
-                     poll_interval=poll_interval)
+        ``redis.asyncio.Redis.from_url``, e.g. ``socket_timeout=5``; with ``cluster``, to
+        ``redis.asyncio.RedisCluster.from_url``, the URL naming a seed node)."""
+        client: redis.asyncio.Redis | redis.asyncio.RedisCluster = (
+            redis.asyncio.RedisCluster.from_url(url, **redis_options) if cluster
+            else redis.asyncio.Redis.from_url(url, **redis_options))
+        source = cls(client, namespace, name, prefix=prefix, refresh_wait=refresh_wait, expiry_skew=expiry_skew,
+                     refresh_cooldown=refresh_cooldown, poll_interval=poll_interval, cluster=cluster)
         source._owns_client = True
         return source
 
@@ -294,10 +305,31 @@ class RedisTokenSource(_RedisNames):
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
+    async def _subscriber(self) -> redis.asyncio.Redis | None:
+        """In cluster mode a plain client to the next node (its own pool, closed after use); else None."""
+        client = self._client
+        if not isinstance(client, redis.asyncio.RedisCluster):
+            return None
+        await client.initialize()
+        nodes = sorted(client.get_nodes(), key=lambda node: node.name)
+        node = nodes[self._attempts % len(nodes)]
+        self._attempts += 1
+        pool = redis.asyncio.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+        return redis.asyncio.Redis.from_pool(pool)
+
     async def _listen(self) -> None:
         delay = 0.1
         while True:
-            pubsub = self._client.pubsub()
+            node: redis.asyncio.Redis | None = None
+            try:
+                node = await self._subscriber()
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("finding a Redis Cluster node to listen on failed (%s: %s); reading %s without a "
+                               "cache until back", type(exc).__name__, exc, self.key)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_RECONNECT_DELAY)
+                continue
+            pubsub = (node or self._client).pubsub()
             try:
                 await pubsub.subscribe(self.updated_channel)
                 async for message in pubsub.listen():
@@ -316,6 +348,9 @@ class RedisTokenSource(_RedisNames):
                 self._invalidate()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                if node is not None:
+                    with contextlib.suppress(Exception):
+                        await node.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_RECONNECT_DELAY)
 
@@ -335,12 +370,14 @@ class SyncRedisTokenSource(_RedisNames):
     Thread-safe. ``close()`` (or ``with``) stops the listener; a client made by ``from_url`` is closed too.
     """
 
-    def __init__(self, client: redis.Redis, namespace: str, name: str, *,
+    def __init__(self, client: redis.Redis | redis.RedisCluster, namespace: str, name: str, *,
                  prefix: str = DEFAULT_PREFIX, refresh_wait: float = 3.0, expiry_skew: float = 5.0,
-                 refresh_cooldown: float = 10.0, poll_interval: float = 0.1) -> None:
+                 refresh_cooldown: float = 10.0, poll_interval: float = 0.1, cluster: bool | None = None) -> None:
+        is_cluster = isinstance(client, redis.RedisCluster) if cluster is None else cluster
         super().__init__(namespace, name, prefix=prefix, refresh_wait=refresh_wait, expiry_skew=expiry_skew,
-                         refresh_cooldown=refresh_cooldown, poll_interval=poll_interval)
+                         refresh_cooldown=refresh_cooldown, poll_interval=poll_interval, cluster=is_cluster)
         self._client = client
+        self._attempts = 0
         self._owns_client = False
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -355,10 +392,12 @@ class SyncRedisTokenSource(_RedisNames):
     @classmethod
     def from_url(cls, url: str, namespace: str, name: str, *, prefix: str = DEFAULT_PREFIX,
                  refresh_wait: float = 3.0, expiry_skew: float = 5.0, refresh_cooldown: float = 10.0,
-                 poll_interval: float = 0.1, **redis_options: Any) -> SyncRedisTokenSource:
-        source = cls(redis.Redis.from_url(url, **redis_options), namespace, name, prefix=prefix,
-                     refresh_wait=refresh_wait, expiry_skew=expiry_skew, refresh_cooldown=refresh_cooldown,
-                     poll_interval=poll_interval)
+                 poll_interval: float = 0.1, cluster: bool = False, **redis_options: Any) -> SyncRedisTokenSource:
+        client: redis.Redis | redis.RedisCluster = (
+            redis.RedisCluster.from_url(url, **redis_options) if cluster
+            else redis.Redis.from_url(url, **redis_options))
+        source = cls(client, namespace, name, prefix=prefix, refresh_wait=refresh_wait, expiry_skew=expiry_skew,
+                     refresh_cooldown=refresh_cooldown, poll_interval=poll_interval, cluster=cluster)
         source._owns_client = True
         return source
 
@@ -483,10 +522,22 @@ class SyncRedisTokenSource(_RedisNames):
             self._cache = None
             self._changed.notify_all()
 
+    def _pubsub(self) -> Any:
+        """A PubSub on the client, or in cluster mode on the next node's own client (a plain connection)."""
+        client = self._client
+        nodes = []
+        if isinstance(client, redis.RedisCluster):
+            nodes = sorted(client.get_nodes(), key=lambda node: node.name)  # type: ignore[no-untyped-call]
+        if nodes:
+            node = nodes[self._attempts % len(nodes)]
+            self._attempts += 1
+            return node.redis_connection.pubsub()
+        return client.pubsub()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
     def _listen(self) -> None:
         delay = 0.1
         while not self._stopping.is_set():
-            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            pubsub = self._pubsub()
             try:
                 pubsub.subscribe(self.updated_channel)
                 while not self._stopping.is_set():

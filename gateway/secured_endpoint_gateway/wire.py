@@ -15,12 +15,19 @@ Redis, with ``<prefix>`` = ``SEP_REDIS_KEY_PREFIX`` (default :data:`DEFAULT_PREF
 - channel ``<prefix>:refresh`` (:func:`refresh_channel`): ``<namespace>/<name> <fingerprint>``
   (:func:`refresh_request`, :func:`parse_refresh_request`), published by a gateway after a 401.
 
+In Redis Cluster mode (``cluster=True``) the token keys carry a hash tag, so that an endpoint's hash and its
+``:previous`` share a slot (the operator's write script touches both): ``<prefix>:{<namespace>:<name>}`` and
+``<prefix>:{<namespace>:<name>}:previous``. The ``_alive`` marker is one per master there,
+``<prefix>:_alive:{<n>}`` (:func:`cluster_alive_key`), each in a slot of its master. Channels are the same
+(classic pub/sub reaches every node of a cluster). :func:`key_slot` is Redis Cluster's slot of a key.
+
 The token Secret carries the keys :data:`SECRET_KEYS`; its ``expires_at`` is RFC 3339 UTC with second
 precision (:func:`format_expires_at`, :func:`parse_expires_at`).
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
 from datetime import UTC, datetime
@@ -37,6 +44,8 @@ ALIVE_SUFFIX = ":_alive"  # no namespace starts with "_", so it never collides w
 UPDATED_CHANNEL_SUFFIX = ":updated"
 REFRESH_CHANNEL_SUFFIX = ":refresh"
 
+CLUSTER_SLOTS = 16384
+
 MAX_REFRESH_REQUEST = 512  # a namespace (63) + "/" + a name (253) + " " + a fingerprint fit easily
 
 # Kubernetes names: a namespace is a DNS label, a resource name a DNS subdomain.
@@ -52,16 +61,37 @@ def fingerprint(access_token: str) -> str:
 
 # -- Redis keys and channels --------------------------------------------------------------------------------
 
-def token_key(prefix: str, namespace: str, name: str) -> str:
+def token_key(prefix: str, namespace: str, name: str, *, cluster: bool = False) -> str:
+    """``<prefix>:<namespace>:<name>``; in Redis Cluster mode ``<prefix>:{<namespace>:<name>}``."""
+    if cluster:
+        return f"{prefix}:{{{namespace}:{name}}}"
     return f"{prefix}:{namespace}:{name}"
 
 
-def previous_key(prefix: str, namespace: str, name: str) -> str:
-    return token_key(prefix, namespace, name) + PREVIOUS_SUFFIX
+def previous_key(prefix: str, namespace: str, name: str, *, cluster: bool = False) -> str:
+    return token_key(prefix, namespace, name, cluster=cluster) + PREVIOUS_SUFFIX
 
 
 def alive_key(prefix: str) -> str:
     return prefix + ALIVE_SUFFIX
+
+
+def cluster_alive_key(prefix: str, number: int) -> str:
+    """The ``number``-th candidate for a master's ``_alive`` marker in Redis Cluster mode: ``<prefix>:_alive:{n}``
+    (the operator takes, for each master, the first candidate whose slot that master serves)."""
+    return f"{prefix}{ALIVE_SUFFIX}:{{{number}}}"
+
+
+def key_slot(key: str | bytes) -> int:
+    """Redis Cluster's hash slot of ``key``: CRC16 (XMODEM) of its hash tag (the first non-empty ``{...}``), or of
+    the whole key, modulo 16384."""
+    data = key.encode("utf-8") if isinstance(key, str) else key
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1:end]
+    return binascii.crc_hqx(data, 0) % CLUSTER_SLOTS
 
 
 def updated_channel(prefix: str) -> str:

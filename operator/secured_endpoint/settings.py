@@ -343,8 +343,9 @@ def parse_label_selector(text: str) -> dict[str, str]:
 # -- Redis ---------------------------------------------------------------------------------------------------
 #
 # A separate model: Redis is optional, its settings are only looked at when one of URL, HOST or SENTINELS is
-# given, and they carry credentials that must never end up in an error message or a repr (the passwords and
-# the URL are SecretStr; messages name variables, never values that may hold a secret).
+# given (CLUSTER makes URL/HOST a seed node), and they carry credentials that must never end up in an error
+# message or a repr (the passwords and the URL are SecretStr; messages name variables, never values that may
+# hold a secret).
 
 _URL_SCHEMES = ("redis", "rediss")
 
@@ -422,6 +423,10 @@ class RedisSettings(_Settings):
     key_file: Path | None = None
     """PEM key of :attr:`cert_file`."""
 
+    cluster: bool = False
+    """Redis Cluster mode: :attr:`url` or :attr:`host`/:attr:`port` is a seed node (a Service in front of the
+    nodes does well), the rest of the cluster is discovered from it; keys carry a hash tag (docs/contract.md §3.2)."""
+
     sentinels: str | None = None
     """``host:port,host:port`` (``[v6addr]:port`` for IPv6); Sentinel mode when given."""
 
@@ -483,6 +488,14 @@ class RedisSettings(_Settings):
             raise ValueError("SEP_REDIS_SENTINELS is set together with SEP_REDIS_URL or SEP_REDIS_HOST: in Sentinel "
                              "mode the sentinels name the server, give only SEP_REDIS_SENTINELS and "
                              "SEP_REDIS_SENTINEL_MASTER")
+        if self.cluster and self.sentinels is not None:
+            raise ValueError("SEP_REDIS_CLUSTER and SEP_REDIS_SENTINELS are both set: a Redis Cluster fails over by "
+                             "itself, give SEP_REDIS_CLUSTER with SEP_REDIS_URL or SEP_REDIS_HOST (a seed node)")
+        if self.cluster and self.url is None and self.host is None:
+            raise ValueError("SEP_REDIS_CLUSTER is set but neither SEP_REDIS_URL nor SEP_REDIS_HOST: name a seed node")
+        if self.cluster and ("{" in self.key_prefix or "}" in self.key_prefix):
+            raise ValueError("SEP_REDIS_KEY_PREFIX must not contain { or } in Redis Cluster mode: the keys' hash tag "
+                             "is the braces after the prefix")
         if self.sentinels is not None and self.sentinel_master is None:
             raise ValueError("SEP_REDIS_SENTINELS is set but SEP_REDIS_SENTINEL_MASTER is not: name the master")
         if self.sentinel_master is not None and self.sentinels is None:
@@ -516,6 +529,9 @@ class RedisSettings(_Settings):
                                      db=self.db, tls=self.tls)
         if self.url is not None:
             connection = self._merge_url(self.url.get_secret_value(), connection)
+        if self.cluster and connection.db != 0:
+            raise ValueError("SEP_REDIS_DB (or the URL's database) must be 0 in Redis Cluster mode: a cluster has "
+                             "only database 0")
 
         if self.cert_file is not None and self.key_file is None:
             raise ValueError("SEP_REDIS_CERT_FILE is set but SEP_REDIS_KEY_FILE is not: a client certificate needs "
@@ -607,6 +623,9 @@ class RedisSettings(_Settings):
         if self.sentinels is not None:
             addresses = ",".join(_host_port(host, port) for host, port in self._sentinel_addresses)
             return f"Redis master {self.sentinel_master!r} via sentinels {addresses}{suffix}"
+        if self.cluster:
+            tls = " (TLS)" if connection.tls else ""
+            return f"Redis Cluster via {_host_port(connection.host or '?', connection.port)}{tls}"
         return f"Redis at {_host_port(connection.host or '?', connection.port)}{suffix}"
 
 

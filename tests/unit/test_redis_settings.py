@@ -12,6 +12,8 @@ Cases:
 - password file: read at load, one trailing newline (LF or CRLF) dropped, nothing else; missing, unreadable,
   a directory or empty → SettingsError naming SEP_REDIS_PASSWORD_FILE.
 - settings file: redis_* keys (JSON and YAML), the environment wins, sentinels as a YAML list.
+- Cluster: SEP_REDIS_CLUSTER with the URL or host as the seed node; describe() says so; refused without a seed,
+  with sentinels, with a database other than 0, or with braces in the prefix (they would break the hash tag).
 - Sentinel: "host:port,host:port" (IPv6 in brackets, spaces tolerated) parsed; describe() names master and
   sentinels. Credentials for the sentinels themselves (username, password or password file, from the
   environment or the file) are exposed apart from the server's; both password sources, or any of them
@@ -123,6 +125,7 @@ def _every_variable(tmp_path: Path, pem: Path) -> list[tuple[str, str, Any, dict
         ("sentinel_password", PASSWORD, PASSWORD, sentinel),
         ("sentinel_password_file", str(password_file), password_file, sentinel),
         ("key_prefix", "gw", "gw", host),
+        ("cluster", "true", True, host),
     ]
 
 
@@ -418,6 +421,12 @@ def _errors(pem: Path, tmp_path: Path) -> list[tuple[dict[str, str], tuple[str, 
         ({"HOST": "h", "SOCKET_TIMEOUT_SECONDS": "-1"}, ("SEP_REDIS_SOCKET_TIMEOUT_SECONDS",)),
         ({"HOST": "h", "TLS": "perhaps"}, ("SEP_REDIS_TLS",)),
         ({"HOST": "h", "KEY_PREFIX": "has space"}, ("SEP_REDIS_KEY_PREFIX",)),
+        ({"CLUSTER": "true"}, ("SEP_REDIS_CLUSTER", "seed")),
+        ({"CLUSTER": "true", "SENTINELS": "s:1", "SENTINEL_MASTER": "m"}, ("SEP_REDIS_CLUSTER", "SEP_REDIS_SENTINELS")),
+        ({"CLUSTER": "true", "HOST": "h", "DB": "3"}, ("SEP_REDIS_DB", "Cluster")),
+        ({"CLUSTER": "true", "URL": "redis://h:7000/2"}, ("SEP_REDIS_DB", "Cluster")),
+        ({"CLUSTER": "true", "HOST": "h", "KEY_PREFIX": "a{b}"}, ("SEP_REDIS_KEY_PREFIX", "hash tag")),
+        ({"CLUSTER": "maybe", "HOST": "h"}, ("SEP_REDIS_CLUSTER",)),
     ]
 
 
@@ -459,6 +468,17 @@ def test_several_problems_reported_together() -> None:
     message = error_of({"SEP_REDIS_HOST": "h", "SEP_REDIS_PORT": "x", "SEP_REDIS_DB": "-2"})
     assert "SEP_REDIS_PORT" in message
     assert "SEP_REDIS_DB" in message
+
+
+def test_cluster_mode_seeds_with_the_url_or_host() -> None:
+    settings = load(cluster="true", url=f"redis://operator:{PASSWORD_IN_URL}@redis-cluster.cache:7000")
+    assert settings.configured
+    assert settings.cluster
+    assert (settings.connection.host, settings.connection.port, settings.connection.db) == (
+        "redis-cluster.cache", 7000, 0)
+    assert settings.describe() == "Redis Cluster via redis-cluster.cache:7000"
+    assert load(cluster="true", host="10.0.0.7", tls="true").describe() == "Redis Cluster via 10.0.0.7:6379 (TLS)"
+    assert not load(host="h").cluster
 
 
 def test_service_link_port_gets_a_hint() -> None:

@@ -21,8 +21,17 @@ a restart or an outage leaves ``:previous`` alone) and gives ``:previous`` the *
 key (PTTL → PEXPIRE), so its expiry is exactly the old token's. The script is idempotent, which is what makes
 redis-py's retry on a timeout safe.
 
-Connections: one ``redis.asyncio`` client (a pool) — a single server (URL or host/port) or the master that
-Redis Sentinel names (``master_for``; failover is followed on reconnect). Connect and socket timeouts, a few
+Redis Cluster (``SEP_REDIS_CLUSTER``): the keys carry a hash tag, ``<prefix>:{<namespace>:<name>}`` and
+``<prefix>:{<namespace>:<name>}:previous``, so both land in one slot and the write script may touch both; the
+``_alive`` marker is one per master (``<prefix>:_alive:{<n>}``, the first ``n`` whose slot that master serves,
+chosen again when the slots move), so a master that lost its data is noticed for the keys it holds. Channels are
+classic pub/sub, which a cluster broadcasts to every node: the operator subscribes on one node over a plain
+connection (redis-py's cluster pub/sub differs between versions) and moves to the next known node when that
+connection fails.
+
+Connections: one ``redis.asyncio`` client (a pool) — a single server (URL or host/port), the master that
+Redis Sentinel names (``master_for``; failover is followed on reconnect), or a ``RedisCluster`` seeded with the
+URL or host/port. Connect and socket timeouts, a few
 quick retries with jittered backoff on connection errors and timeouts, a health check on idle connections,
 and an overall deadline on each operation, so nothing here waits forever. Sentinels are contacted with the
 same timeouts and TLS settings, and with their own credentials (``SEP_REDIS_SENTINEL_USERNAME``,
@@ -39,7 +48,8 @@ dead connection with its own PINGs.
 
 Minimal ACL for the operator's user: ``~<prefix>:* &<prefix>:* +@scripting +hset +hgetall +hget +del
 +pexpire +pexpireat +pttl +type +publish +subscribe +ping +setnx`` (add ``+client|setinfo`` to silence a harmless
-refusal in the Redis log).
+refusal in the Redis log); in cluster mode also ``+cluster|slots +cluster|shards`` (redis-py discovers the
+nodes with them).
 
 Nothing here logs or raises a token or a password: messages name the server (host:port, or the Sentinel
 master), the endpoint and the operation, and Redis' own error text is scrubbed of both before use.
@@ -59,6 +69,7 @@ from typing import Any
 from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
@@ -118,18 +129,44 @@ return kept
 """
 
 OnRestored = Callable[[], Awaitable[None]]
+Subscriber = Callable[[int], Redis]  # attempt number -> a plain client to the node to SUBSCRIBE on (cluster mode)
+
+_MARKER_CANDIDATES = 1_000_000  # far more than enough: every slot is hit well before
+
+
+def cluster_markers(prefix: str, primaries: Iterable[str], owner: Callable[[str], str | None]) -> dict[str, str]:
+    """The ``_alive`` marker of each master in Redis Cluster mode: ``primary -> key``.
+
+    ``owner(key)`` names the master serving ``key``'s slot (None: not covered). Each master's marker is the first
+    candidate :func:`wire.cluster_alive_key` it serves, so every operator replica picks the same keys, and a
+    master's marker changes only when its slots do. A master serving no slot gets none.
+    """
+    wanted = set(primaries)
+    markers: dict[str, str] = {}
+    for number in range(_MARKER_CANDIDATES):
+        if len(markers) == len(wanted):
+            break
+        key = wire.cluster_alive_key(prefix, number)
+        master = owner(key)
+        if master in wanted and master not in markers:
+            markers[master] = key
+    return markers
 
 
 class RedisTarget:
     """Writes tokens to Redis, removes them, reads them back, and listens for gateways' refresh requests."""
 
-    def __init__(self, client: Redis, *, key_prefix: str, where: str, password: SecretStr | None = None,
+    def __init__(self, client: Redis | RedisCluster, *, key_prefix: str, where: str, password: SecretStr | None = None,
                  sentinel_password: SecretStr | None = None,
-                 sentinel: Sentinel | None = None, operation_timeout: float = 16.0, ping_interval: float = 1.0,
+                 sentinel: Sentinel | None = None, cluster: RedisCluster | None = None,
+                 subscriber: Subscriber | None = None, operation_timeout: float = 16.0, ping_interval: float = 1.0,
                  keepalive_interval: float = 5.0, reconnect_base: float = 0.1, reconnect_cap: float = 5.0,
                  rng: random.Random | None = None) -> None:
         self._client = client
         self._sentinel = sentinel
+        self._cluster = cluster  # the same object as client in cluster mode: its topology and its markers
+        self._subscriber = subscriber
+        self._markers: dict[str, str] = {}
         self.key_prefix = key_prefix
         self.where = where  # "Redis at host:port db 0" or "Redis master 'x' via sentinels ...": for messages
         self._password = password  # only to scrub it from error texts
@@ -141,6 +178,16 @@ class RedisTarget:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._available: bool | None = None  # None: not known yet
         self._write_script = client.register_script(_WRITE_SCRIPT)
+
+    @property
+    def cluster_mode(self) -> bool:
+        return self._cluster is not None
+
+    @property
+    def _plain_client(self) -> Redis:
+        """The client outside cluster mode (for what a cluster does differently: MULTI, pub/sub)."""
+        assert isinstance(self._client, Redis), "a cluster target has its own path for this"
+        return self._client
 
     @classmethod
     def from_settings(cls, settings: RedisSettings, **options: Any) -> RedisTarget | None:
@@ -184,27 +231,36 @@ class RedisTarget:
         options.setdefault("operation_timeout",
                            settings.connect_timeout_seconds + 2 * settings.socket_timeout_seconds + 1.0)
         sentinel: Sentinel | None = None
-        if settings.sentinels is not None:
+        cluster: RedisCluster | None = None
+        subscriber: Subscriber | None = None
+        if settings.cluster:
+            assert connection.host is not None
+            node_options = {key: value for key, value in server.items() if key != "db"}
+            cluster = RedisCluster(host=connection.host, port=connection.port, **node_options)
+            client: Redis | RedisCluster = cluster
+            subscriber = _node_subscriber(cluster, connection.host, connection.port, node_options)
+        elif settings.sentinels is not None:
             assert settings.sentinel_master is not None  # settings validation guarantees it
             auth = settings.sentinel_credentials
             sentinel_kwargs = {**common, "username": auth.username,
                                "password": auth.password.get_secret_value() if auth.password else None}
             sentinel = Sentinel(list(settings.sentinel_addresses),  # type: ignore[no-untyped-call]
                                 sentinel_kwargs=sentinel_kwargs, **server)
-            client: Redis = sentinel.master_for(settings.sentinel_master)
+            client = sentinel.master_for(settings.sentinel_master)
         else:
             assert connection.host is not None
             client = Redis(host=connection.host, port=connection.port, **server)
         return cls(client, key_prefix=settings.key_prefix, where=settings.describe(), password=connection.password,
-                   sentinel_password=settings.sentinel_credentials.password, sentinel=sentinel, **options)
+                   sentinel_password=settings.sentinel_credentials.password, sentinel=sentinel, cluster=cluster,
+                   subscriber=subscriber, **options)
 
     # -- names -------------------------------------------------------------------------------------------
 
     def key(self, namespace: str, name: str) -> str:
-        return wire.token_key(self.key_prefix, namespace, name)
+        return wire.token_key(self.key_prefix, namespace, name, cluster=self.cluster_mode)
 
     def previous_key(self, namespace: str, name: str) -> str:
-        return wire.previous_key(self.key_prefix, namespace, name)
+        return wire.previous_key(self.key_prefix, namespace, name, cluster=self.cluster_mode)
 
     @property
     def alive_key(self) -> str:
@@ -254,7 +310,13 @@ class RedisTarget:
     async def delete(self, owner: Owner, location: str) -> None:
         """Remove the token and the previous one, then announce it so that caches drop it."""
         async def delete() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
+            if self._cluster is not None:
+                # redis-py splits a DEL across slots (a location written before cluster mode has no hash tag);
+                # the announcement after it is enough: a reader woken by it finds the keys gone
+                await self._cluster.delete(location, location + wire.PREVIOUS_SUFFIX)
+                await self._cluster.publish(self.updated_channel, wire.endpoint_id(owner.namespace, owner.name))
+                return
+            async with self._plain_client.pipeline(transaction=True) as pipe:
                 pipe.delete(location, location + wire.PREVIOUS_SUFFIX)
                 pipe.publish(self.updated_channel, wire.endpoint_id(owner.namespace, owner.name))
                 await pipe.execute()
@@ -304,7 +366,8 @@ class RedisTarget:
         channel = self.refresh_channel
         failures = 0
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            node = self._subscriber(failures) if self._subscriber is not None else None
+            pubsub = (node or self._plain_client).pubsub(ignore_subscribe_messages=True)
             try:
                 async with asyncio.timeout(self._operation_timeout):
                     await pubsub.subscribe(channel)
@@ -327,6 +390,9 @@ class RedisTarget:
             finally:
                 with contextlib.suppress(Exception):  # closing a broken connection may fail; it is dropped anyway
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if node is not None:
+                    with contextlib.suppress(Exception):
+                        await node.aclose()
 
     async def _listen(self, pubsub: PubSub) -> AsyncIterator[tuple[str, str, str]]:
         loop = asyncio.get_running_loop()
@@ -373,7 +439,7 @@ class RedisTarget:
         """
         interval = self._ping_interval if interval is None else interval
         while True:
-            created = await self._probe(self._client.setnx(self.alive_key, "1"), "SETNX")
+            created = await self._probe(self._mark_alive(), "SETNX")
             if created is not None:
                 was = self._available
                 self._available = True
@@ -387,6 +453,29 @@ class RedisTarget:
                                    "failover); writing the current tokens again.", self.where)
                     await self._restore(on_restored)
             await asyncio.sleep(interval)
+
+    async def _mark_alive(self) -> bool:
+        """SETNX the marker(s); True if one had vanished. In cluster mode one marker per master (see the module
+        docstring): a single master that lost its data is noticed too."""
+        if self._cluster is None:
+            return bool(await self._client.setnx(self.alive_key, "1"))
+        cluster = self._cluster
+        await cluster.initialize()  # a no-op once the topology is known; redis-py refreshes it on MOVED
+        primaries = {node.name for node in cluster.get_primaries()}
+
+        def owner(key: str) -> str | None:
+            try:
+                node = cluster.get_node_from_key(key)
+            except RedisError:  # the slot is not covered right now
+                return None
+            return node.name if node is not None else None
+
+        if set(self._markers) != primaries or any(owner(key) != master for master, key in self._markers.items()):
+            self._markers = cluster_markers(self.key_prefix, primaries, owner)
+        if not self._markers:
+            raise RedisConnectionError("the cluster names no master serving a slot")
+        created = await asyncio.gather(*(cluster.setnx(key, "1") for key in self._markers.values()))
+        return any(created)
 
     @staticmethod
     async def _restore(on_restored: OnRestored) -> None:
@@ -438,6 +527,17 @@ class RedisTarget:
         await self._client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()
+
+
+def _node_subscriber(cluster: RedisCluster, seed_host: str, seed_port: int, options: dict[str, Any]) -> Subscriber:
+    """Plain clients for SUBSCRIBE in cluster mode: attempt ``n`` goes to the ``n``-th known node (the seed until
+    the topology is known), so a subscription whose node died moves on to another one."""
+    def connect(attempt: int) -> Redis:
+        nodes = sorted((node.host, node.port) for node in cluster.get_nodes()) or [(seed_host, seed_port)]
+        host, port = nodes[attempt % len(nodes)]
+        return Redis(host=host, port=int(port), **options)
+
+    return connect
 
 
 class UnconfiguredRedis:
