@@ -13,6 +13,7 @@ never a value.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class SourceReader:
         self._current_version = current_version
         self._capacity = capacity
         self._copies: OrderedDict[tuple[str, api.SourceRef], dict[str, Any]] = OrderedDict()
+        # GETs on their way, with the version the watches knew when each began: a read that wants the same
+        # version waits for that answer (a rotated Secret shared by many endpoints is read once, not once per job)
+        self._reading: dict[tuple[str, api.SourceRef], tuple[str | None, asyncio.Future[dict[str, Any] | None]]] = {}
         self.reads = 0  # GETs sent (the rest came from the copies)
 
     async def read(self, namespace: str, ref: api.SourceRef) -> dict[str, Any] | None:
@@ -74,6 +78,22 @@ class SourceReader:
         if copy is not None and current is not None and copy["metadata"]["resourceVersion"] == current:
             self._copies.move_to_end(key)
             return copy
+        reading = self._reading.get(key)
+        if reading is None or current is None or reading[0] != current:
+            reading = (current, asyncio.ensure_future(self._get(namespace, ref)))
+            self._reading[key] = reading
+            reading[1].add_done_callback(functools.partial(self._read_done, key))
+        # shielded: one waiter cancelled (its endpoint deleted) does not cancel the read the others wait for
+        return await asyncio.shield(reading[1])
+
+    def _read_done(self, key: tuple[str, api.SourceRef], task: asyncio.Future[dict[str, Any] | None]) -> None:
+        if (entry := self._reading.get(key)) is not None and entry[1] is task:
+            del self._reading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters that are left got it; none left is no error to report
+
+    async def _get(self, namespace: str, ref: api.SourceRef) -> dict[str, Any] | None:
+        key = (namespace, ref)
         self.reads += 1
         obj = await _fetch(self._client, namespace, ref)
         if obj is None:

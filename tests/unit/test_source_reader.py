@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -97,3 +98,49 @@ async def test_the_least_recently_used_copy_goes_first() -> None:
     await reader.read("ns", ref("c"))
     await reader.read("ns", ref("b"))
     assert kube.gets == ["b"]
+
+
+class SlowKube(CountingKube):
+    """Answers only when told to, so that reads overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.gets.append(name)
+        await self.answer.wait()
+        return self.secrets.get(name)
+
+
+async def test_reads_of_the_same_version_at_once_share_one_get() -> None:
+    kube = SlowKube()
+    kube.put("shared", "5", "rotated")
+    watched = {"shared": "5"}
+    reader = credentials.SourceReader(kube, lambda namespace, r: watched.get(r.name))  # type: ignore[arg-type]
+    readers = [asyncio.create_task(reader.read("ns", ref("shared"))) for _ in range(32)]
+    await asyncio.sleep(0)
+    readers[0].cancel()  # one waiter gone does not cancel the read the others wait for
+    kube.answer.set()
+    results = await asyncio.gather(*readers[1:])
+    assert kube.gets == ["shared"]
+    assert all(result is results[0] for result in results)
+
+
+async def test_a_read_for_a_newer_version_does_not_join_an_older_get() -> None:
+    kube = SlowKube()
+    kube.put("shared", "5", "old")
+    watched = {"shared": "5"}
+    reader = credentials.SourceReader(kube, lambda namespace, r: watched.get(r.name))  # type: ignore[arg-type]
+    early = asyncio.create_task(reader.read("ns", ref("shared")))
+    await asyncio.sleep(0)
+    kube.put("shared", "6", "new")  # rotated while the first GET is on its way
+    watched["shared"] = "6"
+    late = asyncio.create_task(reader.read("ns", ref("shared")))
+    await asyncio.sleep(0)
+    kube.answer.set()
+    await early
+    newest = await late
+    assert kube.gets == ["shared", "shared"]
+    assert newest is not None
+    assert base64.b64decode(newest["data"]["client-secret"]) == b"new"
