@@ -27,8 +27,6 @@ import logging
 import random
 import ssl
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +35,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from secured_endpoint import api, schedule
+from secured_endpoint.tokens import ProxyConfig, TokenError, proxy
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +182,12 @@ class KubeClient:
             # connection of its own without taking a request's place (one per watched kind and namespace).
             # HTTPS_PROXY / NO_PROXY apply as they do to kubectl, read once: aiohttp's trust_env would read them
             # and ~/.netrc again in a thread for every request.
+            via = environment_proxy(self._server)
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._tls, limit=0), timeout=self._timeout,
-                proxy=environment_proxy(self._server),
+                proxy=via.url if via is not None else None,
+                proxy_auth=aiohttp.BasicAuth(via.username, via.password.get_secret_value())
+                if via is not None and via.username is not None and via.password is not None else None,
                 headers={"User-Agent": "secured-endpoint-operator", "Accept": "application/json"})
         return self._http
 
@@ -435,14 +437,13 @@ def retry_delay(retry_after: str | None, attempt: int, *, rng: random.Random = _
     return schedule.jittered_backoff(RETRY_BACKOFF, failures=attempt, rng=rng)
 
 
-def environment_proxy(server: str) -> str | None:
-    """The proxy the environment names for ``server`` (``HTTPS_PROXY``/``HTTP_PROXY``, unless ``NO_PROXY``
-    lists its host), as kubectl and client-go choose it."""
-    parts = urllib.parse.urlsplit(server)
-    host = parts.hostname or ""
-    if not host or urllib.request.proxy_bypass(host if parts.port is None else f"{host}:{parts.port}"):
-        return None
-    return urllib.request.getproxies_environment().get(parts.scheme or "https")
+def environment_proxy(server: str) -> ProxyConfig | None:
+    """The proxy the environment names for ``server``, by the rules the token requests follow
+    (docs/contract.md §6: lower case wins, ``ALL_PROXY``, ``NO_PROXY`` with suffixes, IPs and CIDR ranges)."""
+    try:
+        return proxy.environment_proxy(server, proxy.environment_snapshot())
+    except TokenError as exc:
+        raise KubeError(0, "BadProxy", f"the proxy for the Kubernetes API: {exc}") from None
 
 
 def collection_path(resource: str, namespace: str | None = None) -> str:

@@ -115,15 +115,32 @@ def test_collection_paths() -> None:
     ({}, "https://10.0.0.1:6443", None),
     ({"HTTPS_PROXY": "http://proxy:3128"}, "https://10.0.0.1:6443", "http://proxy:3128"),
     ({"https_proxy": "http://proxy:3128", "NO_PROXY": "10.0.0.1"}, "https://10.0.0.1:6443", None),
+    ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "10.0.0.0/8"}, "https://10.96.0.1:443", None),
     ({"HTTPS_PROXY": "http://proxy:3128", "no_proxy": ".svc,.cluster.local"}, "https://kubernetes.default.svc",
      None),
     ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": ".svc"}, "https://api.example.com", "http://proxy:3128"),
     ({"HTTP_PROXY": "http://plain:3128"}, "https://10.0.0.1:6443", None),  # only https_proxy serves https
+    ({"ALL_PROXY": "http://all:3128"}, "https://10.0.0.1:6443", "http://all:3128"),
 ])
-def test_the_environment_names_the_proxy_once(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str],
-                                              server: str, proxy: str | None) -> None:
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+def test_the_api_client_takes_its_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                              environment: dict[str, str], server: str,
+                                                              proxy: str | None) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY",
+                 "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    assert kube.environment_proxy(server) == proxy
+    found = kube.environment_proxy(server)
+    assert (found.url if found is not None else None) == proxy
+
+
+def test_proxy_credentials_come_apart_and_a_bad_proxy_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:p%40ss@proxy:3128")
+    found = kube.environment_proxy("https://10.0.0.1:6443")
+    assert found is not None
+    assert (found.url, found.username) == ("http://proxy:3128", "user")
+    assert found.password is not None
+    assert found.password.get_secret_value() == "p@ss"
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://proxy:1080")
+    with pytest.raises(kube.KubeError, match="HTTPS_PROXY is not an http:// or https:// proxy URL"):
+        kube.environment_proxy("https://10.0.0.1:6443")
