@@ -4,8 +4,8 @@ follow every status the operator writes.
 
 A status write sends only the difference between what the apiserver holds and what should be there (a JSON
 merge patch); nothing is sent when nothing a reader cares about changed. Events are posted only when the
-``Ready`` condition changes status or reason, so a refresh every few minutes does not flood ``kubectl
-describe``.
+``Ready`` condition changes status, or reason while not True (:func:`announced`), so a refresh every few
+minutes does not flood ``kubectl describe``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class StatusPublisher:
 
     async def _announce(self, endpoint: Endpoint, before: status.Condition | None,
                         after: status.Condition | None) -> None:
-        if after is None or (before is not None and (before.status, before.reason) == (after.status, after.reason)):
+        if after is None or not announced(before, after):
             return
         try:
             await self.client.post_event(
@@ -67,3 +67,14 @@ class StatusPublisher:
         except kube.KubeError as exc:
             logger.debug("Could not post an event for %s/%s: %s", endpoint.namespace, endpoint.name, exc)
 
+
+
+def announced(before: status.Condition | None, after: status.Condition | None) -> bool:
+    """Is the change from ``before`` to ``after`` worth an Event? A change of ``Ready``'s status, or of its reason
+    while it is not True; from one Ready reason to another (``TokenIssued`` → ``TokenRefreshed``: the first
+    refresh) is routine, and an Event for it was one more API write per endpoint."""
+    if after is None:
+        return False
+    if before is None or before.status != after.status:
+        return True
+    return after.status != "True" and before.reason != after.reason
