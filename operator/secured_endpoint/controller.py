@@ -184,12 +184,15 @@ class Controller:
         if due is None:
             self.scheduler.cancel(endpoint.key)
         else:
-            when = due.timestamp()
-            if startup and endpoint.runtime.first_sight and due <= now and self.settings.startup_spread_seconds:
-                # after a restart, overdue work is spread out rather than fired in one burst
-                when += self.rng.uniform(0, self.settings.startup_spread_seconds)
+            when = due.timestamp() + (self._startup_delay(endpoint, now) if startup and due <= now else 0.0)
             self.scheduler.schedule(endpoint.key, when)
         endpoint.runtime.first_sight = False
+
+    def _startup_delay(self, endpoint: Endpoint, now: datetime) -> float:
+        if not endpoint.runtime.first_sight:
+            return 0.0
+        return policy.startup_delay(now=now, served_until=endpoint.served_until,
+                                    spread_seconds=self.settings.startup_spread_seconds, rng=self.rng)
 
     def _target_lost(self, endpoint: Endpoint) -> bool:
         """At start-up: does every target still hold the token the status names, as far as the watches tell?"""

@@ -206,3 +206,14 @@ def failure_retry(*, kind: FailureKind, now: datetime, failures: int, permanent:
         retry_at = max(retry_at, now + timedelta(seconds=min(retry_after_seconds,
                                                              schedule.MAX_RETRY_AFTER_SECONDS)))
     return retry_at
+
+
+def startup_delay(*, now: datetime, served_until: datetime | None, spread_seconds: float,
+                  rng: random.Random) -> float:
+    """How much later than due an overdue refresh seen at start-up runs: after a restart, overdue refreshes are
+    spread over ``spread_seconds`` rather than fired in one burst — but only while the token they replace is
+    still valid, and within half of what is left of it. An endpoint with no valid token (new, or expired while
+    no operator ran) goes at once (docs/contract.md §5.7)."""
+    if not spread_seconds or served_until is None or served_until <= now:
+        return 0.0
+    return rng.uniform(0, min(spread_seconds, (served_until - now).total_seconds() / 2))

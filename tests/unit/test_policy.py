@@ -249,3 +249,31 @@ def test_a_failure_status_that_calls_an_expired_token_usable_is_corrected() -> N
     assert decide(expired).action is Action.REPORT_EXPIRED
     # a fetch that is due comes first: its report says the truth anyway
     assert decide(dataclasses.replace(expired, refresh_at=NOW)).action is Action.FETCH
+
+
+# -- the start-up spread ---------------------------------------------------------------------------------------
+
+
+def test_overdue_refreshes_of_valid_tokens_are_spread_within_half_their_remaining_life() -> None:
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    rng = random.Random(3)
+    long_lived = [policy.startup_delay(now=now, served_until=now + timedelta(minutes=5), spread_seconds=10, rng=rng)
+                  for _ in range(500)]
+    assert 0 <= min(long_lived) < 1
+    assert 9 < max(long_lived) <= 10
+    nearly_expired = [policy.startup_delay(now=now, served_until=now + timedelta(seconds=4), spread_seconds=10,
+                                           rng=rng) for _ in range(500)]
+    assert max(nearly_expired) <= 2  # half of the 4 s left
+
+
+@pytest.mark.parametrize("served_until", [None, "expired", "now"])
+def test_an_endpoint_without_a_valid_token_is_not_delayed(served_until: str | None) -> None:
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    until = {None: None, "expired": now - timedelta(seconds=30), "now": now}[served_until]
+    assert policy.startup_delay(now=now, served_until=until, spread_seconds=10, rng=random.Random(1)) == 0.0
+
+
+def test_no_spread_when_it_is_switched_off() -> None:
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    assert policy.startup_delay(now=now, served_until=now + timedelta(hours=1), spread_seconds=0,
+                                rng=random.Random(1)) == 0.0
