@@ -480,7 +480,7 @@ class ControlPlane:
     """etcd + kube-apiserver on loopback, with an admin token and a kubeconfig.
 
     Use ``with ControlPlane() as cp:`` or ``cp.start()`` / ``cp.stop()``. ``audit_log=True`` writes the
-    apiserver's audit log (``AUDIT_POLICY``) to ``audit_log_path``.
+    apiserver's audit log (``audit_policy``, by default ``AUDIT_POLICY``) to ``audit_log_path``.
     """
 
     ADMIN_USER = "sep-admin"
@@ -492,6 +492,7 @@ class ControlPlane:
         ready_timeout: float = 60.0,
         progress: Progress = print,
         audit_log: bool = False,
+        audit_policy: str = AUDIT_POLICY,
         extra_apiserver_args: Sequence[str] = (),
         service_account_admission: bool = False,
     ) -> None:
@@ -500,6 +501,7 @@ class ControlPlane:
         controller-manager wants: without one no ``default`` ServiceAccount exists and Pods are refused."""
         self._binaries = binaries
         self.audit_log = audit_log
+        self._audit_policy = audit_policy
         self._extra_apiserver_args = list(extra_apiserver_args)
         self._service_account_admission = service_account_admission
         self.ready_timeout = ready_timeout
@@ -749,7 +751,7 @@ class ControlPlane:
         if not self.audit_log:
             return []
         policy = self.workdir / "audit-policy.yaml"
-        policy.write_text(AUDIT_POLICY)
+        policy.write_text(self._audit_policy)
         # one file, never rotated, written before the request is answered: complete when read
         return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log_path}",
                 "--audit-log-format=json", "--audit-log-mode=blocking"]

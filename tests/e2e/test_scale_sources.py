@@ -7,10 +7,12 @@ are created (concurrently, before any operator starts) in ten namespaces besides
 
 - Default mode: the operator starts with all of them listed (its log counts them), serves an endpoint; a
   rotation of a referenced Secret is seen at once (a new token within 3 s, one token request, made with the new
-  credentials); a deleted token Secret is written again with the token it held, without a token request; a
-  token Secret whose fingerprint annotation someone changed or removed is written again, without a token
-  request; a restart asks for no token, and the restarted operator still repairs a deleted token Secret
-  without one (it has listed everything before deciding).
+  credentials); refreshes of an endpoint whose credential Secret did not change do not read it again (the
+  apiserver's audit log counts the operator's GETs: one at first, one more after a rotation); a deleted token
+  Secret is written again with the token it held, without a token request; a token Secret whose fingerprint
+  annotation someone changed or removed is written again, without a token request; a restart asks for no
+  token, and the restarted operator still repairs a deleted token Secret without one (it has listed everything
+  before deciding).
 - A namespace glob (``--namespace 'sc-*'``, which matches the endpoints' namespace and the ten holding the
   3,000 Secrets, nothing else): the same operator scope by a different road (a watch of namespaces, then one
   watch per matching namespace) takes over from the stopped default-mode operator without a token request,
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import ssl
@@ -55,10 +58,25 @@ AT_ONCE = 3.0  # seconds: "a rotation is seen at once"
 # -- the module's own cluster --------------------------------------------------------------------------------
 
 
+# Who read which Secret: the operator's GETs of a credential Secret are what its copy of it saves.
+READS_AUDITED = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  verbs: ["get"]
+  resources:
+  - group: ""
+    resources: ["secrets"]
+- level: None
+"""
+
+
 @pytest.fixture(scope="module")
 def plane() -> Iterator[controlplane.ControlPlane]:
     controlplane.ensure_binaries()
-    with controlplane.ControlPlane() as cp:
+    with controlplane.ControlPlane(audit_log=True, audit_policy=READS_AUDITED) as cp:
         cp.install_crds(ROOT / "crds")
         yield cp
 
@@ -202,6 +220,43 @@ def test_a_rotated_secret_is_seen_at_once(default_mode: OperatorProcess, kube: K
     assert idp.token_requests == before + 1
     last = idp.requests[-1]
     assert (last.client_id, last.status) == (client_id, 200), "the new token was asked for with the new secret"
+
+
+def _operator_reads(plane: controlplane.ControlPlane, secret_name: str) -> int:
+    """How often the operator has read ``secret_name`` (GET, by the audit log)."""
+    reads = 0
+    for line in plane.audit_log_path.read_text().splitlines():
+        event = json.loads(line)
+        target = event.get("objectRef") or {}
+        if (event.get("verb"), target.get("resource"), target.get("name")) == ("get", "secrets", secret_name) \
+                and str(event.get("userAgent", "")).startswith("secured-endpoint-operator"):
+            reads += 1
+    return reads
+
+
+def test_refreshes_read_an_unchanged_credential_secret_from_the_watch_copy(
+        default_mode: OperatorProcess, kube: Kube, idp: TokenServer, plane: controlplane.ControlPlane) -> None:
+    client_id, _ = _client(kube, idp, "copy-oauth")
+    _endpoint(kube, idp, "copy", "copy-oauth")
+    assert _operator_reads(plane, "copy-oauth") == 1
+    for attempt in range(3):  # refresh requests: a new token each time, from the credentials read at first
+        held, before = _fingerprint(kube, "copy"), idp.token_requests
+        kube.patch_endpoint(APP, "copy", {"metadata": {"annotations": {api.REFRESH_ANNOTATION: f"again-{attempt}"}}})
+        wait_for(lambda held=held: _fingerprint(kube, "copy") not in (None, held), timeout=10,
+                 message="a new token after the refresh request")
+        assert idp.token_requests == before + 1
+    assert _operator_reads(plane, "copy-oauth") == 1, "an unchanged credential Secret was read again"
+    rotated = f"s3cr3t:{uuid.uuid4().hex}&+%"
+    idp.add_client(client_id, rotated)
+    RECORD.secrets.add(rotated)
+    RECORD.client_ids[rotated] = client_id
+    held = _fingerprint(kube, "copy")
+    kube.update_secret(APP, "copy-oauth", {"client_secret": rotated})
+    wait_for(lambda: _fingerprint(kube, "copy") not in (None, held), timeout=AT_ONCE,
+             message="a new token after the rotation")
+    assert idp.requests[-1].client_id == client_id
+    assert idp.requests[-1].status == 200, "the new token was asked for with the new secret"
+    assert _operator_reads(plane, "copy-oauth") == 2, "a rotated credential Secret is read once"
 
 
 def test_a_deleted_token_secret_is_written_again_without_a_token_request(
