@@ -509,6 +509,7 @@ class ControlPlane:
         self._workdir: Path | None = None
         self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._apiserver_cmd: list[str] = []
+        self._etcd_cmd: list[str] = []
         self._logs: list[IO[bytes]] = []
         self.admin_token = secrets.token_urlsafe(32)
         self.etcd_port = 0
@@ -640,6 +641,31 @@ class ControlPlane:
         self._procs.append(("kube-apiserver", proc))
         self._wait_apiserver(time.monotonic() + self.ready_timeout)
 
+    def stop_etcd(self) -> None:
+        """Kill etcd (SIGKILL: a crash, a node loss); kube-apiserver keeps running, without its storage. Nothing
+        written is lost despite ``--unsafe-no-fsync``: the OS still holds what the process wrote."""
+        for index, (name, proc) in enumerate(self._procs):
+            if name == "etcd":
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    raise ControlPlaneError(f"etcd (pid {proc.pid}) did not die after SIGKILL") from None
+                del self._procs[index]
+                return
+        raise ControlPlaneError("etcd is not running")
+
+    def start_etcd(self) -> None:
+        """Start etcd again, as before (same data dir, so the same revisions; same ports), and wait until it
+        answers healthy. kube-apiserver reconnects by itself, within a few seconds; until then it fails requests."""
+        if any(name == "etcd" for name, _ in self._procs):
+            raise ControlPlaneError("etcd is already running")
+        with self.etcd_log_path.open("ab") as log:
+            proc = subprocess.Popen(self._etcd_cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._procs.insert(0, ("etcd", proc))  # stopped last again, after the apiserver
+        self._wait_etcd(time.monotonic() + self.ready_timeout)
+
     # -- helpers -----------------------------------------------------------------------------
 
     def kubectl(
@@ -697,24 +723,21 @@ class ControlPlane:
 
     def _start_etcd(self, bins: Binaries) -> None:
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-        self._spawn(
-            "etcd",
-            [
-                str(bins.etcd),
-                "--name=sep",
-                f"--data-dir={self.workdir / 'etcd-data'}",
-                f"--listen-client-urls={self.etcd_endpoint}",
-                f"--advertise-client-urls={self.etcd_endpoint}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=sep={peer}",
-                "--initial-cluster-state=new",
-                "--unsafe-no-fsync=true",  # throw-away data: durability buys nothing
-                f"--quota-backend-bytes={2 * 1024**3}",
-                "--log-level=warn",
-            ],
-            self.etcd_log_path,
-        )
+        self._etcd_cmd = [
+            str(bins.etcd),
+            "--name=sep",
+            f"--data-dir={self.workdir / 'etcd-data'}",
+            f"--listen-client-urls={self.etcd_endpoint}",
+            f"--advertise-client-urls={self.etcd_endpoint}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=sep={peer}",
+            "--initial-cluster-state=new",  # ignored by a restart: the data dir already holds the member
+            "--unsafe-no-fsync=true",  # throw-away data: durability buys nothing
+            f"--quota-backend-bytes={2 * 1024**3}",
+            "--log-level=warn",
+        ]
+        self._spawn("etcd", self._etcd_cmd, self.etcd_log_path)
 
     def _start_apiserver(self, bins: Binaries) -> None:
         work = self.workdir

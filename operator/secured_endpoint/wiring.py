@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import kopf
+from kopf._core.reactor import observation as kopf_observation
 
 from secured_endpoint import api, kube, leader, metrics, schedule, sources, tokens
 from secured_endpoint.controller import Controller
@@ -184,6 +185,41 @@ def _exact_namespace(pattern: str) -> bool:
     return not any(char in pattern for char in "!*?,")
 
 
+def serve_listed_namespaces() -> None:
+    """Make kopf serve a namespace that only a LIST of its namespace watch shows (namespace patterns).
+
+    kopf (1.45.2, and upstream still) lists the namespaces once (``kopf/_core/reactor/observation.py:51``),
+    then starts its namespace watch (``:78``), which lists them again and watches from that second LIST's
+    resourceVersion (``kopf/_cogs/clients/watching.py:171-187``); but ``process_discovered_namespace_event``
+    drops every listed namespace (type None, ``observation.py:156-157``). A namespace created between the two
+    LISTs (in the moments after the operator starts), or before that watch relists after a 410, thus reaches
+    kopf in no event it applies: kopf never watches its SecuredEndpoints until the operator restarts, while our
+    NamespaceScope serves its Secrets. Here a listed namespace is applied as an added one is (kopf's own
+    matching, which also drops one that is being deleted), and the orchestrator is woken only when that changes
+    what kopf serves, so that a relist of many namespaces does not wake it once per namespace.
+    """
+    original = kopf_observation.process_discovered_namespace_event
+    if getattr(original, "applies_listings", False):
+        return
+
+    async def process_discovered_namespace_event(*, raw_event: Any, namespaces: Any, insights: Any,
+                                                 **kwargs: Any) -> None:
+        if raw_event["type"] is not None:
+            await original(raw_event=raw_event, namespaces=namespaces, insights=insights, **kwargs)
+            return
+        name = raw_event["object"]["metadata"]["name"]
+        async with insights.revised:
+            served = name in insights.namespaces
+            kopf_observation.revise_namespaces(raw_events=[raw_event], insights=insights, namespaces=namespaces)
+            if (name in insights.namespaces) != served:
+                if not served:
+                    logger.info("kopf serves namespace %s from its listing (no event of it came).", name)
+                insights.revised.notify_all()
+
+    process_discovered_namespace_event.applies_listings = True  # type: ignore[attr-defined]
+    kopf_observation.process_discovered_namespace_event = process_discovered_namespace_event
+
+
 @kopf.on.cleanup(registry=registry)
 async def stop(*, memo: kopf.Memo, **_: Any) -> None:
     # SIGTERM: stop writing first, then hand the Lease over (a follower takes over at its next try)
@@ -291,6 +327,7 @@ def run(settings: OperatorSettings, redis_settings: RedisSettings, *, all_namesp
     scope = list(namespaces)
     memo = kopf.Memo(operator_settings=settings, redis_settings=redis_settings, kubeconfig=kubeconfig,
                      clusterwide=all_namespaces, namespaces=tuple(scope))
+    serve_listed_namespaces()
     unserved = _UnservedWatch()
     logging.getLogger("kopf").addHandler(unserved)
     try:
