@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from secured_endpoint import api, schedule
+from secured_endpoint import api, policy, schedule
 from secured_endpoint.policy import (
     Action,
     FailureKind,
