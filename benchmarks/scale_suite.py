@@ -33,8 +33,9 @@ and measured from ``/proc/<pid>``: VmRSS, VmHWM (peak) and utime + stime (CPU), 
 - **K kopf's watch** (issue 8 part 5): 10,000 suspended endpoints — no token, no refresh, only kopf's watch
   of them — a cold start (the operator writes each one's status once) and a restart (it writes nothing):
   spawn → every endpoint taken in, CPU per endpoint, peak RSS.
-- **H the HTTP client**: CPU per request to the apiserver of httpx (the operator's client; HTTP/2 too when
-  the ``h2`` package is importable) and of aiohttp (installed with kopf), with 20 and 64 connections.
+- **H the HTTP client**: CPU per request to the apiserver of httpx (the token client's; HTTP/2 too when
+  the ``h2`` package is importable) and of aiohttp (kopf's, and since that measurement the operator's Kubernetes
+  API client), with 20 and 64 connections.
 
 Prints every figure beside its target and writes ``scale_suite.json`` and ``scale_suite-B*.png`` into
 ``--output`` (default ``docs/benchmarks/``; ``--quick`` defaults to a temporary directory so that a smoke run
@@ -827,7 +828,8 @@ async def burst(ctx: Context, client: Api, operator: Operator, count: int, *, la
 
 async def floor(ctx: Context, client: Api, count: int, *, with_creates: bool) -> dict[str, Any]:
     """The least the work can cost: per endpoint one token request, one Secret create, one status patch, with
-    the operator's concurrency (32 jobs, 20 API requests in flight), from a plain httpx client."""
+    the operator's concurrency (32 jobs, 20 API requests in flight) and the operator's HTTP clients, used plainly:
+    aiohttp for the apiserver, httpx for the token server."""
     namespace = f"floor-{count}-{'c' if with_creates else 'w'}"
     await client.namespace(namespace)
     names = [f"ep-{n:05d}" for n in range(count)]
@@ -838,10 +840,9 @@ async def floor(ctx: Context, client: Api, count: int, *, with_creates: bool) ->
                 "metadata"]["uid"]
         await client.gather_bounded([lambda name=name: make(name) for name in names], workers=CREATES_IN_FLIGHT)
     tls = ssl.create_default_context(cafile=str(ctx.plane.ca_path))
-    kube = httpx.AsyncClient(base_url=ctx.plane.server, verify=tls, timeout=60,
-                             headers={"Authorization": f"Bearer {ctx.plane.admin_token}"},
-                             limits=httpx.Limits(max_connections=KUBE_IN_FLIGHT,
-                                                 max_keepalive_connections=KUBE_IN_FLIGHT))
+    kube = aiohttp.ClientSession(ctx.plane.server, connector=aiohttp.TCPConnector(ssl=tls, limit=KUBE_IN_FLIGHT),
+                                 timeout=aiohttp.ClientTimeout(total=60),
+                                 headers={"Authorization": f"Bearer {ctx.plane.admin_token}"})
     tokens = httpx.AsyncClient(timeout=30, auth=("bench", "bench-secret"),
                                limits=httpx.Limits(max_connections=REFRESH_CONCURRENCY))
     finished: list[float] = []
@@ -869,8 +870,9 @@ async def floor(ctx: Context, client: Api, count: int, *, with_creates: bool) ->
                               "expires_at": wire.format_expires_at(expires),
                               "authorization": f"Bearer {token['access_token']}",
                               "credential": f"Bearer {token['access_token']}", "fingerprint": fingerprint}}
-                response = await kube.post(f"/api/v1/namespaces/{namespace}/secrets", json=secret)
-                response.raise_for_status()
+                async with kube.post(f"/api/v1/namespaces/{namespace}/secrets", json=secret) as response:
+                    response.raise_for_status()
+                    await response.read()
                 stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
                 status = {"status": {
                     "observedGeneration": 1, "tokenType": "Bearer", "expiresAt": wire.format_expires_at(expires),
@@ -880,9 +882,10 @@ async def floor(ctx: Context, client: Api, count: int, *, with_creates: bool) ->
                     "conditions": [{"type": "Ready", "status": "True", "reason": "TokenIssued",
                                     "message": "token valid", "observedGeneration": 1,
                                     "lastTransitionTime": stamp}]}}
-                response = await kube.patch(f"{endpoints_path(namespace)}/{name}/status", json=status,
-                                            headers={"Content-Type": "application/merge-patch+json"})
-                response.raise_for_status()
+                async with kube.patch(f"{endpoints_path(namespace)}/{name}/status", data=json.dumps(status),
+                                      headers={"Content-Type": "application/merge-patch+json"}) as response:
+                    response.raise_for_status()
+                    await response.read()
             finished.append(time.monotonic())
 
         refresh_slots = asyncio.Semaphore(REFRESH_CONCURRENCY)
@@ -891,7 +894,7 @@ async def floor(ctx: Context, client: Api, count: int, *, with_creates: bool) ->
         await asyncio.gather(*(job(name) for name in names))
         elapsed = max(finished) - started
     finally:
-        await kube.aclose()
+        await kube.close()
         await tokens.aclose()
     # clean up without an operator: no finalizers were added, the token Secrets go by label
     await client.call("DELETE", endpoints_path(namespace))
