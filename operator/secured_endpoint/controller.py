@@ -14,6 +14,8 @@ without asking the token server for tokens it already has.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -42,6 +44,11 @@ class SourceIndex(Protocol):
 
     def unwatched_hint(self, namespace: str, refs: Iterable[api.SourceRef]) -> str | None:
         """With a source label selector: which referenced objects lack the label (rotation goes unseen)."""
+        ...
+
+    def read_at(self, namespace: str, versions: Mapping[str, str], endpoint: str) -> None:
+        """A token was made from these versions ("Secret/name" -> resourceVersion), read by GET: a source the
+        watches cannot see is taken to be at that version until the next read."""
         ...
 
 
@@ -85,6 +92,9 @@ class Controller:
         """Stop writing: no new job starts; those running get ``grace_period`` to finish, then are cancelled."""
         self.leading = False
         await self.scheduler.stop(grace_period=grace_period)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.publisher.flush()
 
     # -- intake: cheap bookkeeping, then a due time for the scheduler --------------------------------
 
@@ -298,6 +308,8 @@ class Controller:
             return None
         if result.refresh_token is not None:
             runtime.refresh_token = result.refresh_token
+        # before anything can plan again: else an unwatched source would look changed until the status echo
+        self.index.read_at(endpoint.namespace, result.source_versions, endpoint.name)
         runtime.failed_inputs = None
         runtime.refresh_at = result.refresh_at
         runtime.token = result.token

@@ -10,6 +10,7 @@ minutes does not flood ``kubectl describe``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ class StatusPublisher:
     client: kube.KubeClient
     component: str  # the Events' reporting component
     metrics: OperatorMetrics = field(default_factory=lambda: metrics.default)
+    _posting: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)  # Events on their way
 
     async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> bool:
         """Make the status ``wanted``; False if the apiserver refused (the caller tries again later).
@@ -57,15 +59,26 @@ class StatusPublisher:
 
     async def _announce(self, endpoint: Endpoint, before: status.Condition | None,
                         after: status.Condition | None) -> None:
+        """Post the Event beside the job rather than in it: the status already says what happened, and waiting
+        for the Event was one more round trip in every new endpoint's reconcile."""
         if after is None or not announced(before, after):
             return
+        task = asyncio.create_task(self._post_event(endpoint.namespace, endpoint.name, endpoint.desired.uid, after))
+        self._posting.add(task)
+        task.add_done_callback(self._posting.discard)
+
+    async def _post_event(self, namespace: str, name: str, uid: str, after: status.Condition) -> None:
         try:
             await self.client.post_event(
-                namespace=endpoint.namespace, name=endpoint.name, uid=endpoint.desired.uid,
-                event_type="Normal" if after.status == "True" else "Warning", reason=after.reason,
-                message=after.message, component=self.component)
+                namespace=namespace, name=name, uid=uid, event_type="Normal" if after.status == "True" else "Warning",
+                reason=after.reason, message=after.message, component=self.component)
         except kube.KubeError as exc:
-            logger.debug("Could not post an event for %s/%s: %s", endpoint.namespace, endpoint.name, exc)
+            logger.debug("Could not post an event for %s/%s: %s", namespace, name, exc)
+
+    async def flush(self) -> None:
+        """Wait for the Events on their way (at shutdown; bound it with ``asyncio.timeout``)."""
+        if self._posting:
+            await asyncio.wait(set(self._posting))
 
 
 

@@ -493,13 +493,17 @@ class SourceView:
                 "is picked up at the next refresh, not at once")
 
     def learn(self, body: Mapping[str, Any]) -> None:
-        """Note the source versions an endpoint's status recorded for sources the cache cannot see."""
+        """Note the source versions an endpoint's status recorded for sources the cache cannot see (a restart,
+        or another replica's writes)."""
         meta = body.get("metadata") or {}
         namespace, name = meta.get("namespace"), meta.get("name")
         recorded = (body.get("status") or {}).get("sourceVersions") or {}
-        if not isinstance(namespace, str) or not isinstance(recorded, Mapping):
-            return
-        for text, version in recorded.items():
+        if isinstance(namespace, str) and isinstance(recorded, Mapping):
+            self.read_at(namespace, recorded, name)
+
+    def read_at(self, namespace: str, versions: Mapping[str, Any], endpoint: object) -> None:
+        """Note the versions a token was just made from (the leader's own reads, before their status echo)."""
+        for text, version in versions.items():
             kind, _, source_name = str(text).partition("/")
             if kind not in RESOURCES or not source_name or not isinstance(version, str):
                 continue
@@ -511,7 +515,7 @@ class SourceView:
             self._unwatched[(namespace, ref)] = version
             if (namespace, ref) not in self._warned:
                 self._warned.add((namespace, ref))
-                self._warn(namespace, ref, name)
+                self._warn(namespace, ref, endpoint)
 
     def _warn(self, namespace: str, ref: api.SourceRef, endpoint: object) -> None:
         if not self._labels:

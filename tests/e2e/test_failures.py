@@ -44,8 +44,9 @@ def test_token_server_down_keeps_the_token_and_recovers(operator: OperatorProces
     assert kube.secret_data(setup.namespace, "down-token") == before, "the valid token must stay"
     status = (kube.get_endpoint(setup.namespace, "down") or {})["status"]
     assert status["consecutiveFailures"] >= 1
-    reasons = {event.reason for event in kube.events(setup.namespace)}
-    assert "TokenRequestFailed" in reasons
+    # the Event is posted beside the status write, a moment after it
+    wait_for(lambda: "TokenRequestFailed" in {event.reason for event in kube.events(setup.namespace)}, timeout=5,
+             message="a TokenRequestFailed Event")
 
     token_server.start()
     kube.wait_ready(setup.namespace, "down", timeout=15)
