@@ -128,6 +128,20 @@ QUICK = Sizes(b0_counts=(0, 2_000), b0_big=20, b0_namespaces=10, b1_bursts=(1, 1
 # -- measuring a process -----------------------------------------------------------------------------------
 
 
+def process_cpu(pids: Iterable[int]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each process, by its command name (``kube-apiserver``, ``etcd``…)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = {}
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
 def proc_figures(pid: int) -> tuple[int, int, float]:
     """(VmRSS KiB, VmHWM KiB, CPU seconds user + system) of a live process."""
     rss = hwm = 0
@@ -1001,6 +1015,8 @@ async def b2(ctx: Context) -> dict[str, Any]:
                       f"cores, {result['window']['refreshes']} refreshes, "
                       f"{result['window']['api_requests_per_refresh']} API requests each, min remaining "
                       f"{result['window']['min_remaining_s']} s", flush=True)
+                print("  B2 window, cores by process: " + ", ".join(
+                    f"{name} {value}" for name, value in result["window"]["cores_by_process"].items()), flush=True)
                 # -- the restart: kopf's watch of every endpoint (part 5)
                 result["restart"] = await b2_restart(ctx, operator, watch, count=count, lifetime=lifetime)
                 operator = result["restart"].pop("operator")
@@ -1023,6 +1039,10 @@ async def b2_window(ctx: Context, operator: Operator, watch: TokenWatch, *, wind
                     count: int, idp_start: int) -> dict[str, Any]:
     assert operator.sampler is not None
     before = await asyncio.to_thread(apiserver_requests, ctx.plane)
+    # where the machine's two cores go: the control plane, the token server and this driver beside the operator
+    idp_pids = [ctx.idp.process.pid] if ctx.idp.process is not None else []
+    plane_start, driver_start = process_cpu(ctx.plane.pids), sum(os.times()[:2])
+    idp_cpu_start = sum(process_cpu(idp_pids).values())
     start_mono, start_wall = time.monotonic(), time.time()
     cpu_start = operator.sampler.now()[3]
     refreshes_start = len(watch.refreshes)
@@ -1037,6 +1057,12 @@ async def b2_window(ctx: Context, operator: Operator, watch: TokenWatch, *, wind
             await asyncio.sleep(1.0)
     end_mono, end_wall = time.monotonic(), time.time()
     _, rss_end, _, cpu_end = operator.sampler.now()
+    plane_end, driver_end = process_cpu(ctx.plane.pids), sum(os.times()[:2])
+    span = end_mono - start_mono
+    cores = {name: round((plane_end[name] - plane_start.get(name, 0.0)) / span, 3) for name in plane_end}
+    cores.update({"token server": round((sum(process_cpu(idp_pids).values()) - idp_cpu_start) / span, 3),
+                  "operator": round((cpu_end - cpu_start) / span, 3),
+                  "driver": round((driver_end - driver_start) / span, 3)})
     after = await asyncio.to_thread(apiserver_requests, ctx.plane)
     calls = request_diff(before, after)
     refreshes = len(watch.refreshes) - refreshes_start
@@ -1073,7 +1099,7 @@ async def b2_window(ctx: Context, operator: Operator, watch: TokenWatch, *, wind
         "remaining_at_replacement_s": percentiles(replaced),
         "series_columns": ["t_s", "refreshes", "min_remaining_s", "rss_mib", "cpu_s"], "series": series,
         "refresh_times_s": [round(at - start_mono, 2) for at, _, _ in watch.refreshes[refreshes_start:]],
-        "load_average": load_average(), "endpoints": count,
+        "load_average": load_average(), "endpoints": count, "cores_by_process": cores,
     }
 
 
@@ -1082,7 +1108,7 @@ async def b2_restart(ctx: Context, operator: Operator, watch: TokenWatch, *, cou
     """Stop the operator, start it again: how long kopf takes to hand over every endpoint, and whether any
     token is asked for that was not due."""
     current = dict(watch.tokens)  # the tokens held when it stopped
-    stop_seconds, exited = operator.stop(grace=5.0)
+    stop_seconds, exited = operator.stop(grace=30.0)  # the Deployment's terminationGracePeriodSeconds
     idp_before = await asyncio.to_thread(ctx.idp.count)
     stopped_wall = time.time()
     restarted = Operator(ctx, "b2-restart").start()
