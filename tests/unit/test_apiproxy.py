@@ -6,11 +6,12 @@ Cases:
   a retry's digest equals the original's, and the gaps between a 429 and its retry;
 - through the real proxy in front of a real HTTPS server (the devenv token server): a throttled POST never
   reaches the server and carries Retry-After; a POST failed after forwarding reached it once and was answered
-  503; a held request waits until released and then reaches the server; a dropped one never does.
+  503; a held request waits until released and then reaches the server; a dropped one never does, nor one released after its client left.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -192,4 +193,21 @@ def test_a_dropped_request_never_reaches_the_server(proxy: ApiProxy, upstream: t
     hold.drop()
     client.join(10)
     assert failures and server.token_requests == 0  # noqa: PT018
+    assert [exchange.fault for exchange in proxy.exchanges()] == [HELD_DROPPED]
+
+
+def test_a_held_request_whose_client_left_is_dropped_on_release(proxy: ApiProxy,
+                                                                upstream: tuple[TokenServer, Path]) -> None:
+    server, _ = upstream
+    hold = proxy.hold(Match(methods={"POST"}))
+    body = b"grant_type=client_credentials"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+        client.sendall(b"POST /oauth2/token HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Type: application/x-www-form-urlencoded\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert hold.held.wait(10)
+    # the client is gone (as a SIGKILLed operator's connections are)
+    assert hold.client_gone.wait(10)
+    hold.release()
+    assert hold.outcomes == ["dropped"] and server.token_requests == 0  # noqa: PT018
     assert [exchange.fault for exchange in proxy.exchanges()] == [HELD_DROPPED]
