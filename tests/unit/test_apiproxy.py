@@ -6,7 +6,8 @@ Cases:
   a retry's digest equals the original's, and the gaps between a 429 and its retry;
 - through the real proxy in front of a real HTTPS server (the devenv token server): a throttled POST never
   reaches the server and carries Retry-After; a POST failed after forwarding reached it once and was answered
-  503; a held request waits until released and then reaches the server; a dropped one never does, nor one released after its client left.
+  503; a held request waits until released and then reaches the server; a dropped one never does, nor one
+  released after its client left.
 """
 
 from __future__ import annotations
