@@ -199,3 +199,26 @@ def test_apiserver_pressure(apiproxy: ApiProxy, chaos: Chaos, token_server: Toke
     assert mismatched == {}, f"Events held vs applied, by (endpoint, reason): {mismatched}"
     assert issued_not_once == [], f"not exactly one TokenIssued Event meant: {issued_not_once}"
 
+
+
+def test_a_first_token_whose_status_write_failed_is_still_issued(apiproxy: ApiProxy, chaos: Chaos,
+                                                                 token_server: TokenServer,
+                                                                 secret_values: set[str]) -> None:
+    """Found by the scenario above: the token Secret written, then every try of the status PATCH throttled. The
+    next reconcile used to call the endpoint's first token ``TokenRefreshed`` (the operator's own record named
+    a token already), so it never had its ``TokenIssued`` Ready reason nor Event (docs/contract.md §3)."""
+    Setup(chaos.kube, chaos.namespace, secret_values).client(token_server)
+    through_the_proxy(chaos, apiproxy)
+    status_path = r"/securedendpoints/e-0/status$"
+    apiproxy.add_fault(Fault(THROTTLE, 1.0, Match(methods={"PATCH"}, path=status_path), retry_after=0))
+    chaos.operator.start()
+    Setup(chaos.kube, chaos.namespace, secret_values).endpoint("e-0", token_server)
+    wait_for(lambda: chaos.token_secrets() and sum(
+        1 for e in apiproxy.exchanges() if e.fault == THROTTLE and e.kind == "securedendpoints/status") >= 5,
+        timeout=15, message="the token Secret written and a status write given up")
+    apiproxy.clear_faults()
+    ready = chaos.kube.wait_ready(chaos.namespace, "e-0", timeout=15)
+    time.sleep(1)  # the Event is posted beside the status write
+    reasons = [event.reason for event in chaos.kube.events(chaos.namespace) if event.involved_object.name == "e-0"]
+    assert ready["reason"] == api.Reason.TOKEN_ISSUED
+    assert reasons == [api.Reason.TOKEN_ISSUED]
