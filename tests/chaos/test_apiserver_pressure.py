@@ -12,6 +12,8 @@ Asserted, with the proxy's own log as the witness:
   ``503`` after forwarding is never sent again — and each endpoint meant exactly one ``TokenIssued``;
 - the operator slowed down: every retry of a throttled request came at least ``Retry-After`` after its 429.
 CI: 20 endpoints. ``SEP_CHAOS_FULL=1``: 200.
+
+And what it found, made exact: an endpoint's first token whose status write failed is still ``TokenIssued``.
 """
 
 from __future__ import annotations
