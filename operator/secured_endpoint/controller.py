@@ -262,7 +262,8 @@ class Controller:
         if action is policy.Action.WAIT:
             self._plan(endpoint, startup=False)  # woken by an event that changed nothing that matters
             return
-        first_token = endpoint.recorded.token_fingerprint is None
+        # by the apiserver's status, not ours: a first token whose status write failed is still the first one
+        first_token = not endpoint.stored.get("tokenFingerprint")
         token = endpoint.runtime.token if endpoint.runtime.token is not None \
             and endpoint.runtime.token.valid_at(now) else None
         if not decision.fetch and token is None:
