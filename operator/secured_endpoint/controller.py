@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from secured_endpoint import api, credentials, kube, metrics, policy, schedule, status, tokens
 from secured_endpoint.intake import Endpoint, Key, Registry
-from secured_endpoint.publisher import StatusPublisher
+from secured_endpoint.publisher import Published, StatusPublisher
 from secured_endpoint.refresher import FetchFailed, Refresher
 from secured_endpoint.settings import OperatorSettings
 from secured_endpoint.targets.base import IssuedToken, Target, TargetError
@@ -74,6 +74,8 @@ class Controller:
         self.sources = credentials.SourceReader(self.client, self.index.source_version)
         self.refresher = Refresher(self.sources, self.token_client, self.clock, self.rng)
         self.publisher = StatusPublisher(self.client, self.settings.event_component)
+        # endpoint -> the resourceVersion the leader's own LIST took it in at, until kopf's events catch up
+        self._taken_in: dict[Key, str] = {}
         self.scheduler: schedule.Scheduler[Key] = schedule.Scheduler(
             self._reconcile_or_retry, concurrency=self.settings.refresh_concurrency, name="refresh",
             clock=lambda: self.clock().timestamp(), on_lag=metrics.observe_queue_lag)
@@ -98,6 +100,14 @@ class Controller:
 
     # -- intake: cheap bookkeeping, then a due time for the scheduler --------------------------------
 
+    def take_in(self, body: Mapping[str, Any]) -> None:
+        """A SecuredEndpoint from the leader's own LIST at take-over (docs/contract.md §7): every endpoint is
+        planned within moments, not as kopf, one object at a time and always in the same order, delivers them
+        (a replica restarted again and again would otherwise never reach the last ones in its list)."""
+        meta = body.get("metadata", {})
+        self._taken_in[(str(meta["namespace"]), str(meta["name"]))] = str(meta.get("resourceVersion", ""))
+        self.observe(body, event_type=None)
+
     def observe(self, body: Mapping[str, Any], *, event_type: str | None) -> None:
         """A SecuredEndpoint was listed (``event_type`` None), added, modified or deleted."""
         meta = body.get("metadata", {})
@@ -112,7 +122,24 @@ class Controller:
             endpoint.runtime.targets_dirty = True
         self._plan(endpoint, startup=event_type is None)
 
+    def outdated(self, body: Mapping[str, Any]) -> bool:
+        """Is this kopf event (not a deletion) older than what :meth:`take_in` already showed? kopf may have
+        listed before that LIST and still be delivering its listing (and the watch events after it), which would
+        take the endpoint back in time for a moment: such an event is to be dropped. resourceVersions are
+        compared as numbers (what etcd gives) only in that window; any other form, or an event as new, ends it."""
+        meta = body.get("metadata", {})
+        key = (str(meta["namespace"]), str(meta["name"]))
+        held = self._taken_in.get(key)
+        if held is None:
+            return False
+        seen = str(meta.get("resourceVersion", ""))
+        if held.isdigit() and seen.isdigit() and int(seen) < int(held):
+            return True
+        del self._taken_in[key]
+        return False
+
     def forget(self, key: Key) -> None:
+        self._taken_in.pop(key, None)
         self.scheduler.cancel(key)
         self.registry.forget(key)
         metrics.forget_endpoint(*key)
@@ -195,8 +222,15 @@ class Controller:
             self.scheduler.cancel(endpoint.key)
         else:
             when = due.timestamp() + (self._startup_delay(endpoint, now) if startup and due <= now else 0.0)
-            self.scheduler.schedule(endpoint.key, when)
+            self.scheduler.schedule(endpoint.key, when, deadline=self._deadline(endpoint))
         endpoint.runtime.first_sight = False
+
+    @staticmethod
+    def _deadline(endpoint: Endpoint) -> float | None:
+        """Behind a backlog, the token that expires first is replaced first (docs/contract.md §5); an endpoint
+        that serves none goes as it comes due."""
+        served_until = endpoint.served_until
+        return served_until.timestamp() if served_until is not None else None
 
     def _startup_delay(self, endpoint: Endpoint, now: datetime) -> float:
         if not endpoint.runtime.first_sight:
@@ -259,6 +293,8 @@ class Controller:
             return
         if decision.needs_finalizer:
             await self._set_finalizer(endpoint, present=True)
+            if self.registry.get(key) is not endpoint:  # gone (see _forget_if_gone): no token for it
+                return
         if action is policy.Action.WAIT:
             self._plan(endpoint, startup=False)  # woken by an event that changed nothing that matters
             return
@@ -388,7 +424,8 @@ class Controller:
         await self._publish(endpoint, status.with_health(wanted, ready=True, reason=reason, message=message,
                                                          generation=endpoint.desired.generation, now=now))
         # keep_earlier: an event that came in during this run (a rotated Secret) still gets its rerun
-        self.scheduler.schedule(endpoint.key, refresh_at.timestamp(), keep_earlier=True)
+        self.scheduler.schedule(endpoint.key, refresh_at.timestamp(), keep_earlier=True,
+                                deadline=self._deadline(endpoint))
 
     async def _remove(self, target: Target, endpoint: Endpoint, location: str) -> bool:
         """Remove what ``endpoint`` left at an old ``location``; True if it is gone."""
@@ -437,8 +474,19 @@ class Controller:
             generation=endpoint.desired.generation, now=now))
 
     async def _publish(self, endpoint: Endpoint, wanted: status.EndpointStatus) -> None:
-        if not await self.publisher.publish(endpoint, wanted):
+        published = await self.publisher.publish(endpoint, wanted)
+        if published is Published.REFUSED:
             self.scheduler.schedule(endpoint.key, (self.clock() + _STATUS_RETRY).timestamp(), keep_earlier=True)
+        elif published is Published.GONE and endpoint.key in self._taken_in:
+            await self._forget_if_gone(endpoint)
+
+    async def _forget_if_gone(self, endpoint: Endpoint) -> None:
+        """An endpoint known only from the take-in LIST has gone: kopf, which listed after it went, will send no
+        DELETED event of it, so the controller forgets it here. (Any other's DELETED event follows.)"""
+        body = await self.client.get_endpoint(endpoint.namespace, endpoint.name)
+        if body is None or body.get("metadata", {}).get("uid") != endpoint.desired.uid:
+            logger.info("%s/%s is gone.", endpoint.namespace, endpoint.name, extra=endpoint.log_fields())
+            self.forget(endpoint.key)
 
     async def _clean_up(self, endpoint: Endpoint) -> None:
         """Deletion: remove what the endpoint wrote, then let Kubernetes delete it."""
@@ -472,6 +520,8 @@ class Controller:
             except kube.KubeError as exc:
                 if exc.not_found:
                     endpoint.desired = dataclasses.replace(desired, finalizers=())
+                    if endpoint.key in self._taken_in:
+                        await self._forget_if_gone(endpoint)
                     return
                 if not exc.conflict:
                     raise

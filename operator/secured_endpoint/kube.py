@@ -295,6 +295,27 @@ class KubeClient:
     async def get_endpoint(self, namespace: str, name: str) -> JSON | None:
         return await self._get_or_none(self.endpoint_path(namespace, name))
 
+    async def list_endpoints(self, *, namespace: str | None = None, limit: int = 500,
+                             continue_token: str | None = None) -> JSON:
+        """One page of SecuredEndpoints, cluster-wide or in ``namespace`` (``metadata.continue`` names the next;
+        a 410 means the token expired)."""
+        where = f"/namespaces/{namespace}" if namespace is not None else ""
+        params = {"limit": str(limit)}
+        if continue_token:
+            params["continue"] = continue_token
+        return await self.request("GET", f"/apis/{api.GROUP}/{api.VERSION}{where}/{api.PLURAL}", params=params)
+
+    async def endpoint_pages(self, *, namespace: str | None = None,
+                             limit: int = 500) -> AsyncGenerator[list[JSON], None]:
+        """Every SecuredEndpoint, cluster-wide or in ``namespace``, one page at a time."""
+        continue_token: str | None = None
+        while True:
+            page = await self.list_endpoints(namespace=namespace, limit=limit, continue_token=continue_token)
+            yield list(page.get("items") or ())
+            continue_token = (page.get("metadata") or {}).get("continue") or None
+            if continue_token is None:
+                return
+
     # -- metadata-only LIST and WATCH of core resources ----------------------------------------------
 
     async def list_metadata(self, resource: str, *, namespace: str | None = None, label_selector: str = "",

@@ -11,6 +11,7 @@ minutes does not flood ``kubectl describe``.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from dataclasses import dataclass, field
 
@@ -22,6 +23,12 @@ from secured_endpoint.status import EndpointStatus
 logger = logging.getLogger(__name__)
 
 
+class Published(enum.Enum):
+    WRITTEN = "written"  # or nothing to write
+    REFUSED = "refused"  # the caller tries again later
+    GONE = "gone"  # no such endpoint (deleted meanwhile)
+
+
 @dataclass
 class StatusPublisher:
     client: kube.KubeClient
@@ -29,8 +36,8 @@ class StatusPublisher:
     metrics: OperatorMetrics = field(default_factory=lambda: metrics.default)
     _posting: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)  # Events on their way
 
-    async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> bool:
-        """Make the status ``wanted``; False if the apiserver refused (the caller tries again later).
+    async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> Published:
+        """Make the status ``wanted``.
         A ``Ready=False`` status (but ``Suspended``) is a failure report: logged each time, not only on
         transitions. The endpoint's metrics follow whatever the apiserver now holds."""
         ready = wanted.ready
@@ -43,19 +50,19 @@ class StatusPublisher:
         if not patch:
             endpoint.recorded = wanted
             self.metrics.observe_status(endpoint.namespace, endpoint.name, wanted)
-            return True
+            return Published.WRITTEN
         try:
             await self.client.patch_endpoint_status(endpoint.namespace, endpoint.name, patch)
         except kube.KubeError as exc:
-            if exc.not_found:  # deleted meanwhile: its DELETED event follows
-                return True
+            if exc.not_found:
+                return Published.GONE
             logger.warning("Could not write the status of %s/%s: %s", endpoint.namespace, endpoint.name, exc,
                            extra=endpoint.log_fields())
-            return False
+            return Published.REFUSED
         endpoint.recorded, endpoint.stored = wanted, wanted_json
         self.metrics.observe_status(endpoint.namespace, endpoint.name, wanted)
         await self._announce(endpoint, before.ready, wanted.ready)
-        return True
+        return Published.WRITTEN
 
     async def _announce(self, endpoint: Endpoint, before: status.Condition | None,
                         after: status.Condition | None) -> None:

@@ -26,8 +26,11 @@ know fixed intervals. Refreshes need "run at time T" for 10,000+ objects on one 
   heap is rebuilt when stale entries outnumber live ones, so memory stays at a few hundred bytes per key.
 - One background task sleeps until the earliest due time (an ``asyncio.Event`` plus ``loop.call_later``, no
   polling). Scheduling something earlier than that wakes it; later schedules do not disturb it.
-- Due jobs start in due order, at most ``concurrency`` at a time (one asyncio task per *running* job, none per
-  waiting key). A key never runs twice at once: if it comes due while its previous run is still going, it runs
+- Due jobs start at most ``concurrency`` at a time (one asyncio task per *running* job, none per waiting key),
+  earliest *deadline* first: a key's deadline (by default its due time) is when waiting longer starts to
+  hurt, such as the expiry of the token it would replace. With a backlog, a refresh whose token expires in
+  seconds goes before one that came due earlier but whose token has minutes left (a rotated credential);
+  without one, jobs start as they come due. A key never runs twice at once: if it comes due while its previous run is still going, it runs
   once more right after that run ends, however often it came due meanwhile.
 - Due times are wall-clock seconds (``time.time()``), the unit of ``status.nextRefreshTime``, so they survive
   a restart. The event loop sleeps on a monotonic clock, so each sleep is capped (``max_sleep``) and a jump
@@ -365,6 +368,7 @@ class Scheduler(Generic[K]):
     __slots__ = (
         "_clock",
         "_concurrency",
+        "_deadlines",
         "_entries",
         "_heap",
         "_loop_task",
@@ -373,6 +377,7 @@ class Scheduler(Generic[K]):
         "_next_wake",
         "_on_lag",
         "_progress",
+        "_ready",
         "_reruns",
         "_run",
         "_running",
@@ -409,6 +414,9 @@ class Scheduler(Generic[K]):
         self._heap: list[tuple[float, int, K]] = []
         self._entries: dict[K, tuple[float, int, K]] = {}
         self._sequence = itertools.count()
+        # Due entries waiting for a slot, as (deadline, sequence, entry), live while `entry` is still the key's.
+        self._ready: list[tuple[float, int, tuple[float, int, K]]] = []
+        self._deadlines: dict[K, float] = {}
         # Keys that came due while running, with that due time. Disjoint from `_entries`.
         self._reruns: dict[K, float] = {}
         self._running: set[K] = set()
@@ -426,20 +434,24 @@ class Scheduler(Generic[K]):
 
     # ----- scheduling ---------------------------------------------------------------------------------------
 
-    def schedule(self, key: K, when: float, *, keep_earlier: bool = False) -> None:
-        """Make ``key`` due at ``when`` (``time.time()`` seconds), replacing its previous due time.
+    def schedule(self, key: K, when: float, *, keep_earlier: bool = False, deadline: float | None = None) -> None:
+        """Make ``key`` due at ``when`` (``time.time()`` seconds), replacing its previous due time; among due
+        keys waiting for a slot, the earliest ``deadline`` (default: ``when``) starts first.
 
         With ``keep_earlier=True`` an existing earlier (or equal) due time — including a pending rerun — is
-        kept instead. A job rescheduling itself should use it, so that a "refresh now" that arrived while it
-        was running (say, a changed credential Secret) is not overwritten by the job's own "next refresh in
-        an hour".
+        kept instead, with the earlier of the two deadlines. A job rescheduling itself should use it, so that
+        a "refresh now" that arrived while it was running (say, a changed credential Secret) is not
+        overwritten by the job's own "next refresh in an hour".
         """
         if not math.isfinite(when):
             raise ValueError(f"due time must be a finite number of seconds, got {when}")
+        deadline = when if deadline is None else deadline
         if keep_earlier:
             current = self.due_time(key)
             if current is not None and current <= when:
+                self._deadlines[key] = min(self._deadlines.get(key, current), deadline)
                 return
+        self._deadlines[key] = deadline
         self._reruns.pop(key, None)
         entry = (when, next(self._sequence), key)
         self._entries[key] = entry
@@ -457,6 +469,7 @@ class Scheduler(Generic[K]):
     def cancel(self, key: K) -> None:
         """Forget ``key``'s due time and any pending rerun. A run in progress finishes undisturbed."""
         self._reruns.pop(key, None)
+        self._deadlines.pop(key, None)
         if self._entries.pop(key, None) is not None:
             self._compact_if_needed()
         self._progress.set()
@@ -482,8 +495,12 @@ class Scheduler(Generic[K]):
 
     def _compact_if_needed(self) -> None:
         # Amortised O(1): a rebuild is O(n) and happens only after n stale entries accumulated.
-        if len(self._heap) > 2 * len(self._entries) + _COMPACTION_SLACK:
-            self._heap = list(self._entries.values())
+        if len(self._heap) + len(self._ready) > 2 * len(self._entries) + _COMPACTION_SLACK:
+            entries = self._entries
+            self._ready = [item for item in self._ready if entries.get(item[2][2]) is item[2]]
+            heapq.heapify(self._ready)
+            readied = {id(item[2]) for item in self._ready}
+            self._heap = [entry for entry in entries.values() if id(entry) not in readied]
             heapq.heapify(self._heap)
 
     def _peek(self) -> tuple[float, int, K] | None:
@@ -597,13 +614,17 @@ class Scheduler(Generic[K]):
 
     def _start_due_jobs(self) -> None:
         now = self._clock()
-        while len(self._running) < self._concurrency:
-            top = self._peek()
-            if top is None or top[0] > now:
-                return
+        while (top := self._peek()) is not None and top[0] <= now:  # due: in line by deadline
             heapq.heappop(self._heap)
-            when, _, key = top
-            del self._entries[key]
+            heapq.heappush(self._ready, (self._deadlines.get(top[2], top[0]), top[1], top))
+        entries, ready = self._entries, self._ready
+        while len(self._running) < self._concurrency and ready:
+            _, _, entry = heapq.heappop(ready)
+            when, _, key = entry
+            if entries.get(key) is not entry:
+                continue  # rescheduled or cancelled while in line
+            del entries[key]
+            self._deadlines.pop(key, None)
             if key in self._running:
                 self._reruns[key] = when  # coalesced: one rerun however often it comes due meanwhile
                 continue

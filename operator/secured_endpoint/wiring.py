@@ -24,7 +24,7 @@ from kopf._core.reactor import observation as kopf_observation
 
 from secured_endpoint import api, kube, leader, metrics, schedule, sources, tokens
 from secured_endpoint.controller import Controller
-from secured_endpoint.duties import LeaderDuties
+from secured_endpoint.duties import LeaderDuties, TakeIn
 from secured_endpoint.health import Check, HealthServer
 from secured_endpoint.settings import OperatorSettings, RedisSettings
 from secured_endpoint.targets.base import Target
@@ -110,7 +110,8 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
         scope = sources.NamespaceScope(client, cache, patterns)
         memo["namespace_scope"] = scope
         await scope.start()
-    duties = LeaderDuties(controller, redis)
+    duties = LeaderDuties(controller, redis, _take_in(client, cache, view, controller, memo.get("namespace_scope"),
+                                                     clusterwide=clusterwide, exact=exact, patterns=patterns))
     memo["duties"] = duties
     if redis is not None:
         metrics.watch_redis(lambda: redis.available)
@@ -128,6 +129,20 @@ async def start(*, settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: A
         await duties.start()
     metrics.serve(operator_settings.metrics_port)
     logger.info("secured-endpoint-operator started.")
+
+
+def _take_in(client: kube.KubeClient, cache: sources.MetadataCache, view: sources.SourceView,
+             controller: Controller, scope: sources.NamespaceScope | None, *, clusterwide: bool, exact: bool,
+             patterns: tuple[str, ...]) -> TakeIn:
+    """Where the leader lists SecuredEndpoints itself: the namespaces kopf serves, by kopf's rules."""
+    if clusterwide:
+        return TakeIn(client, cache, view, controller, namespaces=lambda: [None])
+    if exact:
+        return TakeIn(client, cache, view, controller, namespaces=lambda: patterns)
+    # patterns: one LIST of all where RBAC allows (as for the Secrets), else one per matching namespace known
+    return TakeIn(client, cache, view, controller,
+                  namespaces=lambda: sorted(scope.current) if scope is not None else [None],
+                  serves=lambda namespace: sources.namespace_matches(namespace, patterns))
 
 
 async def _until_served(client: kube.KubeClient) -> None:
@@ -297,9 +312,11 @@ async def endpoint_event(*, event: kopf.RawEvent, namespace: str | None, memo: k
     cache: sources.MetadataCache = memo["cache"]
     if namespace is not None:
         await cache.wait_synced(namespace)  # the restart barrier: its Secrets are known before any decision
+    controller: Controller = memo["controller"]
+    if event["type"] != "DELETED" and controller.outdated(event["object"]):
+        return  # the leader's own take-in LIST showed a newer one
     view: sources.SourceView = memo["view"]
     view.learn(event["object"])  # before the controller looks at the sources' versions
-    controller: Controller = memo["controller"]
     controller.observe(event["object"], event_type=event["type"])
 
 

@@ -18,7 +18,8 @@ Policy (fixed datetimes, seeded ``random.Random``; hypothesis for the invariants
   refreshes in the future (clock went back) ignored.
 
 Scheduler (real event loop, due times a few tens of milliseconds ahead):
-- jobs start in due order, ties first-come-first-served; rescheduling earlier wakes a sleeping loop;
+- jobs start in due order, ties first-come-first-served; a backlog goes earliest deadline first (a key rescheduled
+  or cancelled while in line loses its place; keep_earlier keeps the earlier deadline); rescheduling earlier wakes a sleeping loop;
   rescheduling later delays; cancel; due_time / len / contains bookkeeping; invalid arguments refused.
 - a key never runs concurrently with itself; coming due while running gives exactly one rerun right after;
   cancel and schedule() during a run drop the pending rerun; keep_earlier keeps it.
@@ -437,6 +438,61 @@ async def test_jobs_start_in_due_order() -> None:
         assert await scheduler.wait_idle(2.0)
     assert job.started == [("ns", "a"), ("ns", "b"), ("ns", "c"), ("ns", "d"), ("ns", "d2")]
     assert len(scheduler) == 0
+
+
+async def test_a_backlog_goes_earliest_deadline_first() -> None:
+    """Due keys waiting for a slot start by deadline (the expiry of the token each would replace), not by due
+    time: a rotated credential's refetch (due first, token good for minutes) waits behind refreshes whose
+    tokens expire in seconds; without a deadline a key's due time is its deadline."""
+    job = Recorder()
+    blocker = ("ns", "blocker")
+    job.gates[blocker] = asyncio.Event()
+    scheduler = Scheduler(job, concurrency=1)
+    now = time.time()
+    scheduler.schedule(blocker, now - 10)
+    async with running(scheduler):
+        await until(lambda: job.started == [blocker])
+        scheduler.schedule(("ns", "rotated"), now - 5, deadline=now + 300)
+        scheduler.schedule(("ns", "expires-soon"), now - 1, deadline=now + 2)
+        scheduler.schedule(("ns", "expires-sooner"), now - 2, deadline=now + 1)
+        scheduler.schedule(("ns", "no-token"), now - 3)  # deadline: its due time
+        await asyncio.sleep(0.05)  # all four are in line behind the blocker
+        job.gates[blocker].set()
+        assert await scheduler.wait_idle(2.0)
+    assert job.started == [blocker, ("ns", "no-token"), ("ns", "expires-sooner"), ("ns", "expires-soon"),
+                           ("ns", "rotated")]
+
+
+async def test_a_key_rescheduled_or_cancelled_while_in_line_keeps_no_place_there() -> None:
+    job = Recorder()
+    blocker = ("ns", "blocker")
+    job.gates[blocker] = asyncio.Event()
+    scheduler = Scheduler(job, concurrency=1)
+    now = time.time()
+    scheduler.schedule(blocker, now - 10)
+    async with running(scheduler):
+        await until(lambda: job.started == [blocker])
+        for name in ("later", "cancelled", "stays"):
+            scheduler.schedule(("ns", name), now - 1, deadline=now + 1)
+        await asyncio.sleep(0.05)  # in line
+        scheduler.schedule(("ns", "later"), now + 0.2)  # no longer due
+        scheduler.cancel(("ns", "cancelled"))
+        job.gates[blocker].set()
+        await until(lambda: ("ns", "later") in job.started)
+        assert await scheduler.wait_idle(2.0)
+    assert job.started == [blocker, ("ns", "stays"), ("ns", "later")]
+
+
+async def test_keep_earlier_keeps_the_earlier_deadline() -> None:
+    job = Recorder()
+    scheduler = Scheduler(job, concurrency=1)
+    now = time.time()
+    scheduler.schedule(("ns", "a"), now - 1, deadline=now + 5)
+    scheduler.schedule(("ns", "a"), now + 60, keep_earlier=True, deadline=now + 1)  # keeps now - 1, and now + 1
+    scheduler.schedule(("ns", "b"), now - 1, deadline=now + 3)
+    async with running(scheduler):
+        assert await scheduler.wait_idle(2.0)
+    assert job.started == [("ns", "a"), ("ns", "b")]
 
 
 async def test_near_future_jobs_run_in_due_order() -> None:
