@@ -4,10 +4,10 @@
 - ``chaos``: a fresh ``c-…`` namespace (no session operator serves it) and an operator process for it that the
   test starts, kills and restarts as it likes; at teardown an operator runs again so that the namespace's
   endpoints are released through it (a stuck finalizer fails the test, as in tests/conftest.py).
-- ``TokenSampler``: lists every token Secret of the namespace in one LIST, again and again, and records what a
-  gateway would have read wrongly: an expired token (by the token server's own record of its expiry, not the
-  Secret's ``expires_at``), a Secret whose keys are incomplete or disagree, a token Secret that vanished while
-  its endpoint lives.
+- ``TokenSampler``: follows every token Secret of the namespace (one LIST, then a watch) and judges them every
+  interval, recording what a gateway would have read wrongly: an expired token (by the token server's own
+  record of its expiry, not the Secret's ``expires_at``), a Secret whose keys are incomplete or disagree, a
+  token Secret that vanished while its endpoint lives.
 - ``report``: prints a scenario's figures and keeps them for the terminal summary, so that one run gives the
   numbers of every scenario.
 """
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import threading
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 
 from secured_endpoint import api
@@ -137,8 +139,12 @@ def inconsistent(data: dict[str, str]) -> str | None:
 
 
 class TokenSampler(threading.Thread):
-    """Reads every token Secret of a namespace (one LIST a round) until stopped; see the module docstring.
+    """What a reader of every token Secret of a namespace would have seen, until stopped; see the module docstring.
 
+    It holds the namespace's token Secrets as they are, from one LIST and then a watch of their changes (relisted
+    when the watch breaks or is too old), and judges what it holds every ``interval``: so it misses no moment
+    but those when the apiserver cannot be read (counted in ``errors``), and costs the apiserver only the changes,
+    not a LIST of every Secret ten times a second, which would take from the operator the CPU it is tested on.
     ``alive`` tells which endpoint names exist right now (the test's own book-keeping), so that a Secret
     missing for a deleted endpoint is not counted as a lost token."""
 
@@ -151,41 +157,100 @@ class TokenSampler(threading.Thread):
         self.broken: list[tuple[str, str]] = []
         self.lost: list[str] = []
         self._halt = threading.Event()
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[str, str, str | None]] = {}  # name -> (version, token, what is wrong)
+        self._synced = False  # what is held is what the apiserver holds (up to a watch event in flight)
         self._seen: set[str] = set()  # token Secrets seen at least once
+        self._expiries: dict[str, float] = {}  # token -> when the token server says it expires
+        self._follower = threading.Thread(target=self._follow, name="token-sampler-watch", daemon=True)
+        self._watch: Any = None
 
-    def _expiries(self) -> dict[str, float]:
-        return {issued.access_token: issued.expires_at for server in self.servers for issued in server.issued_tokens}
+    def start(self) -> None:
+        self._follower.start()
+        deadline = time.monotonic() + 10
+        while not self._synced and time.monotonic() < deadline:  # judging starts from a complete picture
+            time.sleep(0.01)
+        super().start()
+
+    # -- following the apiserver ---------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        selector = f"{api.MANAGED_BY_LABEL}={api.MANAGED_BY_VALUE}"
+        while not self._halt.is_set():
+            try:
+                answer = self.kube.core.list_namespaced_secret(self.namespace, label_selector=selector,
+                                                               _preload_content=False)
+                listed = json.loads(answer.data)
+                with self._lock:
+                    self._held = {item["metadata"]["name"]: self._judged(item) for item in listed["items"]}
+                    self._synced = True
+                version = listed["metadata"]["resourceVersion"]
+                while not self._halt.is_set():
+                    version = self._follow_from(selector, version)
+            except Exception:  # the apiserver may be down on purpose (urllib3 errors, ApiException, OSError)
+                with self._lock:
+                    self._synced = False
+                self._halt.wait(0.1)
+
+    def _follow_from(self, selector: str, version: str) -> str:
+        """Apply the watch's events from ``version`` until it ends; the version to go on from. Raises when the
+        watch broke or is too old (410), so that the caller lists again."""
+        self._watch = kubernetes.watch.Watch()
+        for event in self._watch.stream(self.kube.core.list_namespaced_secret, self.namespace,
+                                        label_selector=selector, resource_version=version, timeout_seconds=5,
+                                        allow_watch_bookmarks=True, deserialize=False):
+            kind, item = event["type"], event["raw_object"]
+            if kind == "ERROR":
+                raise RuntimeError(f"watch error: {item.get('code')} {item.get('reason')}")
+            version = item["metadata"]["resourceVersion"]
+            if kind == "BOOKMARK":
+                continue
+            name = item["metadata"]["name"]
+            with self._lock:
+                if kind == "DELETED":
+                    self._held.pop(name, None)
+                else:
+                    self._held[name] = self._judged(item)
+        return version
+
+    @staticmethod
+    def _judged(secret: dict[str, Any]) -> tuple[str, str, str | None]:
+        """(resourceVersion, token, why its keys are wrong or None), judged once per version of the Secret."""
+        decoded = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
+        return secret["metadata"]["resourceVersion"], decoded.get("access_token", ""), inconsistent(decoded)
+
+    # -- judging -------------------------------------------------------------------------------------
 
     def sample(self) -> None:
-        try:
-            secrets = self.kube.core.list_namespaced_secret(
-                self.namespace, label_selector=f"{api.MANAGED_BY_LABEL}={api.MANAGED_BY_VALUE}").items
-        except Exception:  # the apiserver may be down on purpose (urllib3 errors, ApiException, OSError)
-            self.errors += 1
-            return
+        with self._lock:
+            if not self._synced:
+                self.errors += 1
+                return
+            held = dict(self._held)
         now = time.time()
-        expiries = self._expiries()
-        present = set()
-        for secret in secrets:
-            name = secret.metadata.name
-            present.add(name)
+        for name, (_, token, why) in held.items():
             self._seen.add(name)
-            data = decode(secret)
             self.reads += 1
-            if (why := inconsistent(data)) is not None:
+            if why is not None:
                 self.broken.append((name, why))
                 continue
-            expires = expiries.get(data["access_token"])
+            expires = self._expiry(token)
             if expires is None:
                 self.broken.append((name, "a token the token server never issued"))
             elif expires <= now:
                 self.expired.append((name, round(now - expires, 2)))
         alive = self.alive()
-        for name in self._seen - present:
+        for name in self._seen - held.keys():
             endpoint = name.removesuffix("-token")
             if endpoint in alive:
                 self.lost.append(name)
         self.rounds += 1
+
+    def _expiry(self, token: str) -> float | None:
+        if token not in self._expiries:
+            self._expiries = {issued.access_token: issued.expires_at
+                              for server in self.servers for issued in server.issued_tokens}
+        return self._expiries.get(token)
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -194,7 +259,10 @@ class TokenSampler(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
+        if self._watch is not None:
+            self._watch.stop()
         self.join(timeout=10)
+        self._follower.join(timeout=6)  # its watch ends within 5 s
 
 
 class LogWatcher(threading.Thread):
