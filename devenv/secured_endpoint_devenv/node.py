@@ -454,11 +454,18 @@ def _get_json(cp: controlplane.ControlPlane, path: str) -> dict[str, Any] | None
 
 
 class Controllers:
-    """kube-controller-manager and kube-scheduler against a running :class:`ControlPlane`, on loopback."""
+    """kube-controller-manager and kube-scheduler against a running :class:`ControlPlane`, on loopback.
+
+    ``controllers`` is kube-controller-manager's ``--controllers`` (all by default); ``("garbagecollector",)``
+    adds only the garbage collector to an envtest-like control plane, leaving namespaces and service accounts as
+    they were. ``scheduler=False`` runs no kube-scheduler."""
 
     def __init__(self, control_plane: controlplane.ControlPlane, binaries: NodeBinaries | None = None, *,
-                 ready_timeout: float = 60.0, progress: controlplane.Progress = print) -> None:
+                 ready_timeout: float = 60.0, progress: controlplane.Progress = print,
+                 controllers: Sequence[str] = ("*",), scheduler: bool = True) -> None:
         self.control_plane = control_plane
+        self.controllers = tuple(controllers)
+        self.with_scheduler = scheduler
         self._binaries = binaries
         self.ready_timeout = ready_timeout
         self._progress = progress
@@ -511,21 +518,23 @@ class Controllers:
                       "--profiling=false"]
             self._procs.spawn("kube-controller-manager", [
                 str(bins.kube_controller_manager), *common, f"--secure-port={self.controller_manager_port}",
-                "--controllers=*",
+                f"--controllers={','.join(self.controllers)}",
                 # Legacy service-account token Secrets are signed with the apiserver's own key, so it accepts them.
                 f"--service-account-private-key-file={cp.service_account_key_path}",
                 f"--root-ca-file={cp.ca_path}",  # published to every namespace as kube-root-ca.crt
                 f"--flex-volume-plugin-dir={self.workdir / 'flex-volume'}",  # it creates the directory
             ], self.controller_manager_log_path)
-            self._procs.spawn("kube-scheduler", [
-                str(bins.kube_scheduler), *common, f"--secure-port={self.scheduler_port}",
-            ], self.scheduler_log_path)
+            if self.with_scheduler:
+                self._procs.spawn("kube-scheduler", [
+                    str(bins.kube_scheduler), *common, f"--secure-port={self.scheduler_port}",
+                ], self.scheduler_log_path)
             self._wait_ready(time.monotonic() + self.ready_timeout)
         except BaseException:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - started
-        self._progress(f"{_PREFIX} kube-controller-manager and kube-scheduler ready in {self.startup_seconds:.1f}s")
+        self._progress(f"{_PREFIX} kube-controller-manager ({','.join(self.controllers)})"
+                       f"{' and kube-scheduler' if self.with_scheduler else ''} ready in {self.startup_seconds:.1f}s")
         return self
 
     def stop(self) -> None:
@@ -537,16 +546,20 @@ class Controllers:
 
     def _wait_ready(self, deadline: float) -> None:
         detail = "no answer"
+        # The service-account controller's first act proves the controllers really run, not only serve; with
+        # it left out, kube-controller-manager's /healthz (a check per started controller) is all there is.
+        accounts = "*" in self.controllers or "serviceaccount" in self.controllers
         while time.monotonic() < deadline:
             self._procs.check_alive()
             manager_ok, manager = _https_ok(f"https://127.0.0.1:{self.controller_manager_port}/healthz")
-            scheduler_ok, scheduler = _https_ok(f"https://127.0.0.1:{self.scheduler_port}/healthz")
-            # The service-account controller's first act: proof the controllers really run, not only serve.
-            account = _get_json(self.control_plane, "/api/v1/namespaces/default/serviceaccounts/default")
+            scheduler_ok, scheduler = (_https_ok(f"https://127.0.0.1:{self.scheduler_port}/healthz")
+                                       if self.with_scheduler else (True, "not run"))
+            account = (_get_json(self.control_plane, "/api/v1/namespaces/default/serviceaccounts/default")
+                       if accounts else {})
             if manager_ok and scheduler_ok and account is not None:
                 return
             detail = (f"controller-manager /healthz: {manager}; scheduler /healthz: {scheduler}; "
-                      f"default ServiceAccount: {'yes' if account else 'not yet'}")
+                      f"default ServiceAccount: {'yes' if account else 'not yet' if accounts else 'not awaited'}")
             time.sleep(0.2)
         raise NodeError(f"controllers not ready after {self.ready_timeout:.0f}s ({detail})\n{self._procs.tails()}")
 

@@ -10,6 +10,9 @@
   token Secret that vanished while its endpoint lives.
 - ``report``: prints a scenario's figures and keeps them for the terminal summary, so that one run gives the
   numbers of every scenario.
+- ``garbage_collector``: a real kube-controller-manager running only its garbage collector against the session
+  control plane, started when the test says so and stopped at its end; what it deleted is read from the
+  apiserver's audit log (see :class:`GarbageCollector`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +30,10 @@ from typing import Any
 
 import kubernetes
 import pytest
+from kubernetes import client as k8s
 
 from secured_endpoint import api
+from secured_endpoint_devenv.node import Controllers
 from secured_endpoint_devenv.tokenserver import TokenServer
 from secured_endpoint_gateway import wire
 from tests.conftest import TEST_OPERATOR_ENV, Kube, OperatorProcess, _namespace
@@ -298,3 +304,74 @@ class LogWatcher(threading.Thread):
         self._halt.set()
         self.join(timeout=5)
         self.poll()
+
+
+# kube-controller-manager gives each controller's client a user agent ending in the controller's name.
+GC_USER_AGENT_SUFFIX = "/generic-garbage-collector"
+
+
+class GarbageCollector:
+    """kube-controller-manager with only its garbage collector, against the session control plane, for one test.
+
+    The session control plane runs no controllers (envtest-like) and the rest of the suite relies on that
+    (namespaces stay Terminating, no service accounts): the collector runs from :meth:`start` to the end of the
+    test that asked for it. :meth:`deletions` reads from the apiserver's audit log (since :meth:`start`) what the
+    collector itself deleted, so that a test proves who deleted an object, not only that it went."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.controllers: Controllers | None = None
+        self.started_at = 0.0  # time.monotonic() when start() was called
+        self._audit_offset = 0
+
+    def start(self) -> float:
+        """Start it; return kube-controller-manager's start time (to a healthy /healthz), in seconds."""
+        assert self.controllers is None, "the garbage collector is started once"
+        self._audit_offset = self.kube.control_plane.audit_log_path.stat().st_size
+        self.started_at = time.monotonic()
+        self.controllers = Controllers(self.kube.control_plane, controllers=("garbagecollector",),
+                                       scheduler=False).start()
+        return self.controllers.startup_seconds
+
+    def stop(self) -> None:
+        if self.controllers is not None:
+            self.controllers.stop()
+            self.controllers = None
+
+    def plant_canary(self, namespace: str) -> str:
+        """A Secret (not a token Secret: no managed-by label) owned, as controller, by a SecuredEndpoint uid that
+        never existed: once it is gone, the collector has had its chance at that namespace."""
+        name = f"gc-canary-{uuid.uuid4().hex[:6]}"
+        owner = k8s.V1OwnerReference(api_version=f"{api.GROUP}/{api.VERSION}", kind=api.KIND, name=name,
+                                     uid=str(uuid.uuid4()), controller=True, block_owner_deletion=True)
+        self.kube.core.create_namespaced_secret(namespace, k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name=name, owner_references=[owner])))
+        return name
+
+    def deletions(self, namespace: str, resource: str = "secrets") -> dict[str, str]:
+        """What the collector deleted in ``namespace`` since the start: name -> uid, from the audit log. An
+        audit event is written as its request completes, which may be just after a reader saw the object go:
+        wait for it rather than read once."""
+        deleted: dict[str, str] = {}
+        with self.kube.control_plane.audit_log_path.open("rb") as log:
+            log.seek(self._audit_offset)
+            for line in log:
+                if not line.endswith(b"\n"):  # still being written: the next read has it
+                    break
+                event = json.loads(line)
+                ref, status = event.get("objectRef") or {}, event.get("responseStatus") or {}
+                if (event.get("verb") == "delete" and event.get("stage") == "ResponseComplete"
+                        and str(event.get("userAgent", "")).endswith(GC_USER_AGENT_SUFFIX)
+                        and ref.get("namespace") == namespace and ref.get("resource") == resource
+                        and 200 <= status.get("code", 0) < 300):
+                    deleted[ref["name"]] = (status.get("details") or {}).get("uid", "")
+        return deleted
+
+
+@pytest.fixture
+def garbage_collector(kube: Kube) -> Iterator[GarbageCollector]:
+    collector = GarbageCollector(kube)
+    try:
+        yield collector
+    finally:
+        collector.stop()
