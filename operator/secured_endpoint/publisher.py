@@ -29,8 +29,9 @@ class StatusPublisher:
     metrics: OperatorMetrics = field(default_factory=lambda: metrics.default)
     _posting: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)  # Events on their way
 
-    async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> bool:
-        """Make the status ``wanted``; False if the apiserver refused (the caller tries again later).
+    async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> kube.KubeError | None:
+        """Make the status ``wanted``; the apiserver's refusal if it refused (the caller tries again later, not
+        before the error's ``retry_after``), else None.
         A ``Ready=False`` status (but ``Suspended``) is a failure report: logged each time, not only on
         transitions. The endpoint's metrics follow whatever the apiserver now holds."""
         ready = wanted.ready
@@ -43,19 +44,19 @@ class StatusPublisher:
         if not patch:
             endpoint.recorded = wanted
             self.metrics.observe_status(endpoint.namespace, endpoint.name, wanted)
-            return True
+            return None
         try:
             await self.client.patch_endpoint_status(endpoint.namespace, endpoint.name, patch)
         except kube.KubeError as exc:
             if exc.not_found:  # deleted meanwhile: its DELETED event follows
-                return True
+                return None
             logger.warning("Could not write the status of %s/%s: %s", endpoint.namespace, endpoint.name, exc,
                            extra=endpoint.log_fields())
-            return False
+            return exc
         endpoint.recorded, endpoint.stored = wanted, wanted_json
         self.metrics.observe_status(endpoint.namespace, endpoint.name, wanted)
         await self._announce(endpoint, before.ready, wanted.ready)
-        return True
+        return None
 
     async def _announce(self, endpoint: Endpoint, before: status.Condition | None,
                         after: status.Condition | None) -> None:
