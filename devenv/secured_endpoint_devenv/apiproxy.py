@@ -130,7 +130,10 @@ def request_digest(method: str, path: str, query: str, body: bytes) -> str:
 @dataclass(frozen=True)
 class Exchange:
     """One request through the proxy. ``at``: monotonic seconds when it arrived; ``upstream_status``: what the
-    apiserver answered (None: never forwarded); ``status``: what the client was answered (0: nothing)."""
+    apiserver answered (None: never forwarded); ``status``: what the client was answered (0: nothing);
+    ``answered_at``: monotonic seconds when the proxy began to send that answer (its headers); ``wall``: the
+    arrival as ``time.time()``, to find it in the operator's log; ``user_agent``: which client sent it (the
+    operator's own client, kopf's, a test's)."""
 
     at: float
     method: str
@@ -140,6 +143,9 @@ class Exchange:
     upstream_status: int | None
     status: int
     body: bytes | None = None
+    answered_at: float | None = None
+    wall: float | None = None
+    user_agent: str | None = None
 
     @property
     def kind(self) -> str:
@@ -348,7 +354,7 @@ class ApiProxy:
             self._log.append(exchange)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        arrived = time.monotonic()
+        arrived, wall = time.monotonic(), time.time()
         body = await request.read()
         method, path, query = request.method.upper(), request.path, request.query_string
         watch = request.query.get("watch") in ("true", "1")
@@ -357,7 +363,9 @@ class ApiProxy:
         kept = body if self.keep_bodies and re.search(self.keep_bodies, path) else None
 
         def record(fault_kind: str | None, upstream: int | None, status: int) -> None:
-            self._record(Exchange(arrived, method, path, digest, fault_kind, upstream, status, kept))
+            self._record(Exchange(arrived, method, path, digest, fault_kind, upstream, status, kept,
+                                  answered_at=time.monotonic(), wall=wall,
+                                  user_agent=request.headers.get("User-Agent")))
 
         if hold is not None:
             with self._lock:

@@ -205,7 +205,7 @@ class Controller:
             refresh_request=desired.refresh_request, reactive_fingerprint=runtime.reactive_fingerprint,
             recent_forced=runtime.recent_forced,
             usable_claimed_until=endpoint.served_until if runtime.reported_failure is not None else None,
-            floor=timedelta(seconds=self.settings.reactive_floor_seconds))
+            floor=timedelta(seconds=self.settings.reactive_floor_seconds), throttled_until=runtime.throttled_until)
 
     def _inputs(self, endpoint: Endpoint) -> policy.Inputs:
         assert endpoint.spec is not None
@@ -260,7 +260,10 @@ class Controller:
             delay = schedule.backoff_delay(failures=endpoint.runtime.failures, permanent=False, rng=self.rng)
             # the operator's own errors (KubeError, TargetError) say what failed without secrets; anything else
             # is unexpected and its text may quote data, so only its type is logged
-            detail = str(exc) if isinstance(exc, kube.KubeError | TargetError) else type(exc).__name__
+            detail = type(exc).__name__
+            if isinstance(exc, kube.KubeError | TargetError):
+                detail = str(exc)
+                delay = max(delay, self._throttle(endpoint, exc.retry_after))
             logger.error("Reconciling %s/%s failed (%s); retrying in %.0f s.", *key, detail, delay,
                          extra=endpoint.log_fields())
             self.scheduler.schedule(key, self.clock().timestamp() + delay, keep_earlier=True)
@@ -380,6 +383,7 @@ class Controller:
         assert endpoint.spec is not None
         runtime = endpoint.runtime
         failures: list[str] = []
+        retry_after: float | None = None
         placed = dict(endpoint.recorded.targets)
         wrote = False
         for target in self.targets:
@@ -390,6 +394,8 @@ class Controller:
                     await target.write(endpoint.owner, endpoint.spec, new, token)
                 except TargetError as exc:
                     failures.append(str(exc))
+                    if exc.retry_after is not None:
+                        retry_after = max(retry_after or 0.0, exc.retry_after)
                     metrics.observe_target_write_error(target.kind)
                     continue  # the old location may be all gateways have: it stays
                 placed[target.kind] = {target.location_field: new}
@@ -405,8 +411,13 @@ class Controller:
         if failures:
             runtime.failures += 1
             runtime.targets_dirty = True
-            runtime.rewrite_at = schedule.retry_time(now=now, failures=runtime.failures, permanent=False,
-                                                     expires_at=token.expires_at, rng=self.rng)
+            # from when the write failed (its retries took a while), and not before its Retry-After is over
+            failed_at = self.clock()
+            self._throttle(endpoint, retry_after)
+            runtime.rewrite_at = policy.failure_retry(
+                kind=policy.FailureKind.TARGET, now=failed_at, failures=runtime.failures, permanent=False,
+                retry_after_seconds=retry_after, served_until=token.expires_at,
+                credentials_retry=timedelta(seconds=self.settings.credentials_retry_seconds), rng=self.rng)
             await self._report_failure(endpoint, api.Reason.TARGET_WRITE_FAILED, "; ".join(failures), now=now,
                                        next_action=runtime.rewrite_at)
             return
@@ -475,10 +486,20 @@ class Controller:
 
     async def _publish(self, endpoint: Endpoint, wanted: status.EndpointStatus) -> None:
         published = await self.publisher.publish(endpoint, wanted)
-        if published is Published.REFUSED:
-            self.scheduler.schedule(endpoint.key, (self.clock() + _STATUS_RETRY).timestamp(), keep_earlier=True)
+        if isinstance(published, kube.KubeError):
+            delay = max(_STATUS_RETRY.total_seconds(), self._throttle(endpoint, published.retry_after))
+            self.scheduler.schedule(endpoint.key, self.clock().timestamp() + delay, keep_earlier=True)
         elif published is Published.GONE and endpoint.key in self._taken_in:
             await self._forget_if_gone(endpoint)
+
+    def _throttle(self, endpoint: Endpoint, retry_after: float | None) -> float:
+        """A write for ``endpoint`` was answered with ``Retry-After: retry_after``: nothing is written for it
+        before that is over (:func:`policy.throttled`), whichever event plans it; the seconds left to wait."""
+        now = self.clock()
+        runtime = endpoint.runtime
+        runtime.throttled_until = policy.throttled_until(failed_at=now, retry_after_seconds=retry_after,
+                                                         current=runtime.throttled_until)
+        return max(0.0, (runtime.throttled_until - now).total_seconds()) if runtime.throttled_until else 0.0
 
     async def _forget_if_gone(self, endpoint: Endpoint) -> None:
         """An endpoint known only from the take-in LIST has gone: kopf, which listed after it went, will send no

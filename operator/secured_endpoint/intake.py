@@ -80,6 +80,7 @@ class Runtime:
     reactive_fingerprint: str | None = None  # a gateway reported this token as refused
     fetching: bool = False  # a token request is in flight: it answers every gateway's 401 at once
     targets_dirty: bool = False  # a target must be written again
+    throttled_until: datetime | None = None  # a write got a Retry-After: nothing is written for it before then
     # the failure the status reports, while its message says the previous token is still usable: once that token
     # expires, the status must say so (reason, message without the "usable" part, needs a change)
     reported_failure: tuple[api.Reason, str, bool] | None = None

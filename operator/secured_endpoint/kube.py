@@ -60,13 +60,16 @@ METADATA_MEDIA_TYPE = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v
 
 
 class KubeError(Exception):
-    """A Kubernetes API call failed; ``status`` is the HTTP status (0 when the server was unreachable)."""
+    """A Kubernetes API call failed; ``status`` is the HTTP status (0 when the server was unreachable);
+    ``retry_after``: the seconds the apiserver's last answer asked to wait (its ``Retry-After``), if it did —
+    whoever sends that write again must wait as long."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}" if status else message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after
 
     @property
     def not_found(self) -> bool:
@@ -228,7 +231,8 @@ class KubeClient:
             if attempt < _MAX_ATTEMPTS and retryable(method, status=answer.status):
                 await asyncio.sleep(retry_delay(answer.retry_after, attempt))
                 continue
-            raise _error_of(answer.status, answer.reason, answer.content)
+            raise _error_of(answer.status, answer.reason, answer.content,
+                            retry_after=retry_after_seconds(answer.retry_after))
         raise AssertionError("unreachable")  # the loop always returns or raises
 
     async def _exchange(self, method: str, path: str, data: bytes | None, headers: Mapping[str, str],
@@ -449,12 +453,18 @@ def retryable(method: str, *, status: int | None = None, transport_error: Except
     return status in _RETRY_STATUSES and method.upper() in IDEMPOTENT_METHODS
 
 
+def retry_after_seconds(retry_after: str | None) -> float | None:
+    """A ``Retry-After`` header's seconds, up to ``MAX_RETRY_AFTER_SECONDS``; None without one (or a date)."""
+    seconds = schedule.parse_retry_after(retry_after)
+    return None if seconds is None else min(seconds, MAX_RETRY_AFTER_SECONDS)
+
+
 def retry_delay(retry_after: str | None, attempt: int, *, rng: random.Random = _rng) -> float:
     """Seconds before retry ``attempt`` (1 = the first): the server's ``Retry-After`` up to
     ``MAX_RETRY_AFTER_SECONDS``, else the jittered :data:`RETRY_BACKOFF`."""
-    seconds = schedule.parse_retry_after(retry_after)
+    seconds = retry_after_seconds(retry_after)
     if seconds is not None:
-        return min(seconds, MAX_RETRY_AFTER_SECONDS)
+        return seconds
     return schedule.jittered_backoff(RETRY_BACKOFF, failures=attempt, rng=rng)
 
 
@@ -472,12 +482,12 @@ def collection_path(resource: str, namespace: str | None = None) -> str:
     return f"/api/v1/namespaces/{namespace}/{resource}" if namespace else f"/api/v1/{resource}"
 
 
-def _error_of(status: int, reason: str, content: bytes) -> KubeError:
+def _error_of(status: int, reason: str, content: bytes, *, retry_after: float | None = None) -> KubeError:
     try:
         body = json.loads(content)
-        return KubeError(status, str(body.get("reason", "")), str(body.get("message", "")))
+        return KubeError(status, str(body.get("reason", "")), str(body.get("message", "")), retry_after=retry_after)
     except (ValueError, AttributeError):  # not JSON, or JSON that is not a Status object
-        return KubeError(status, reason, "non-JSON error from the apiserver")
+        return KubeError(status, reason, "non-JSON error from the apiserver", retry_after=retry_after)
 
 
 def _watch_event(line: bytes) -> JSON:

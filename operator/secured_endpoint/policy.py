@@ -9,6 +9,8 @@ this module answers, with nothing but arithmetic:
 
 The rules, in the order they apply (the first that matches wins, like cert-manager's trigger policy chain):
 
+0. The apiserver answered one of this endpoint's writes with a ``Retry-After`` that has not passed → wait
+   until it has, whatever is due: any action writes, and the same write sooner would ignore the server.
 1. Being deleted → clean up (if our finalizer is still there), else nothing.
 2. A spec the operator cannot use → report ``InvalidSpec`` once for this generation.
 3. ``spec.suspend`` → report ``Suspended`` once for this generation.
@@ -68,6 +70,7 @@ class Situation:
     recent_forced: tuple[datetime, ...] = ()  # when the last forced refreshes ran (the floor counts from them)
     usable_claimed_until: datetime | None = None  # the failure status says the previous token is usable until
     floor: timedelta = timedelta(seconds=5)  # least time between two forced refreshes
+    throttled_until: datetime | None = None  # a write failed with a Retry-After that ends then (:func:`throttled`)
 
 
 class Action(enum.Enum):
@@ -128,8 +131,25 @@ def fetch_reasons(s: Situation) -> tuple[str, ...]:
     return tuple(why)
 
 
+def throttled(s: Situation) -> bool:
+    """Did the apiserver ask (``Retry-After``) this endpoint's writes to wait beyond ``now``?"""
+    return s.throttled_until is not None and s.now < s.throttled_until
+
+
+def throttled_until(*, failed_at: datetime, retry_after_seconds: float | None,
+                    current: datetime | None) -> datetime | None:
+    """Until when the endpoint's writes wait after one failed at ``failed_at`` with ``retry_after_seconds``
+    (None: the answer asked nothing); a wait already asked for that ends later is kept."""
+    if retry_after_seconds is None:
+        return current
+    until = failed_at + timedelta(seconds=min(retry_after_seconds, schedule.MAX_RETRY_AFTER_SECONDS))
+    return until if current is None or until > current else current
+
+
 def decide(s: Situation) -> Decision:
     """The action to take now (see the module docstring for the rules)."""
+    if throttled(s):
+        return Decision(Action.WAIT, ("the apiserver asked to wait (Retry-After)",))
     if s.deleting:
         return Decision(Action.CLEAN_UP if s.has_finalizer else Action.NOTHING)
     if not s.spec_valid:
@@ -153,6 +173,8 @@ def decide(s: Situation) -> Decision:
 
 def next_due(s: Situation) -> datetime | None:
     """When the controller must act for this endpoint next (None: only when something changes)."""
+    if throttled(s):
+        return s.throttled_until
     decision = decide(s)
     if decision.action is Action.NOTHING:
         return None

@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 class Published(enum.Enum):
     WRITTEN = "written"  # or nothing to write
-    REFUSED = "refused"  # the caller tries again later
     GONE = "gone"  # no such endpoint (deleted meanwhile)
 
 
@@ -36,8 +35,9 @@ class StatusPublisher:
     metrics: OperatorMetrics = field(default_factory=lambda: metrics.default)
     _posting: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)  # Events on their way
 
-    async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> Published:
-        """Make the status ``wanted``.
+    async def publish(self, endpoint: Endpoint, wanted: EndpointStatus) -> Published | kube.KubeError:
+        """Make the status ``wanted``; the apiserver's refusal if it refused (the caller tries again later, not
+        before the error's ``retry_after``).
         A ``Ready=False`` status (but ``Suspended``) is a failure report: logged each time, not only on
         transitions. The endpoint's metrics follow whatever the apiserver now holds."""
         ready = wanted.ready
@@ -58,7 +58,7 @@ class StatusPublisher:
                 return Published.GONE
             logger.warning("Could not write the status of %s/%s: %s", endpoint.namespace, endpoint.name, exc,
                            extra=endpoint.log_fields())
-            return Published.REFUSED
+            return exc
         endpoint.recorded, endpoint.stored = wanted, wanted_json
         self.metrics.observe_status(endpoint.namespace, endpoint.name, wanted)
         await self._announce(endpoint, before.ready, wanted.ready)

@@ -30,8 +30,9 @@ know fixed intervals. Refreshes need "run at time T" for 10,000+ objects on one 
   earliest *deadline* first: a key's deadline (by default its due time) is when waiting longer starts to
   hurt, such as the expiry of the token it would replace. With a backlog, a refresh whose token expires in
   seconds goes before one that came due earlier but whose token has minutes left (a rotated credential);
-  without one, jobs start as they come due. A key never runs twice at once: if it comes due while its previous run is still going, it runs
-  once more right after that run ends, however often it came due meanwhile.
+  without one, jobs start as they come due. A key never runs twice at once: if it comes due while its
+  previous run is still going, it runs once more right after that run ends, however often it came due
+  meanwhile.
 - Due times are wall-clock seconds (``time.time()``), the unit of ``status.nextRefreshTime``, so they survive
   a restart. The event loop sleeps on a monotonic clock, so each sleep is capped (``max_sleep``) and a jump
   of the wall clock is noticed within that cap.

@@ -13,7 +13,9 @@ Asserted, with the proxy's own log as the witness:
 - the operator slowed down: every retry of a throttled request came at least ``Retry-After`` after its 429.
 CI: 20 endpoints. ``SEP_CHAOS_FULL=1``: 200.
 
-And what it found, made exact: an endpoint's first token whose status write failed is still ``TokenIssued``.
+And what it found, made exact: an endpoint's first token whose status write failed is still ``TokenIssued``;
+a write throttled through all its tries is not sent again before its ``Retry-After`` (by the next reconcile:
+at once for a token Secret, within a second for the finalizer, as it was).
 """
 
 from __future__ import annotations
@@ -76,6 +78,20 @@ def event_intentions(exchanges: list[Exchange]) -> dict[str, list[Exchange]]:
         if exchange.method == "POST" and exchange.kind == "events":
             by_digest[exchange.digest].append(exchange)
     return by_digest
+
+
+def early_retries(exchanges: list[Exchange], retry_after: float) -> list[tuple[str, str, str | None, float]]:
+    """The requests answered 429 whose identical request came again sooner than ``retry_after``: (method, path,
+    the client that sent it again, seconds)."""
+    ordered = sorted(exchanges, key=lambda exchange: exchange.at)
+    early = []
+    for index, throttled in enumerate(ordered):
+        if throttled.status != 429:
+            continue
+        again = next((later for later in ordered[index + 1:] if later.digest == throttled.digest), None)
+        if again is not None and again.at - throttled.at < retry_after:
+            early.append((throttled.method, throttled.path, again.user_agent, round(again.at - throttled.at, 3)))
+    return early
 
 
 def test_apiserver_pressure(apiproxy: ApiProxy, chaos: Chaos, token_server: TokenServer,
@@ -199,17 +215,11 @@ def test_apiserver_pressure(apiproxy: ApiProxy, chaos: Chaos, token_server: Toke
     # the pressure was real, and the operator honoured it
     assert faults[THROTTLE] > total and faults[FAIL_AFTER] > 0 and faults[FAIL_BEFORE] > 0, faults  # noqa: PT018
     assert len(gaps) >= faults[THROTTLE] // 2, "most throttled requests were retried"
-    # Most requests answered 429 come again Retry-After later (the operator's retry). A few identical ones come
-    # sooner: under load about one run in three shows one (a PATCH of a token Secret 8 ms after its 429, say).
-    # Their source is not found yet (issue 10's note); they are reported, and bounded here, not hidden.
-    ordered = sorted(exchanges, key=lambda exchange: exchange.at)
-    early = [(throttled.method, throttled.path, round(again.at - throttled.at, 3))
-             for index, throttled in enumerate(ordered) if throttled.status == 429
-             for again in [next((later for later in ordered[index + 1:] if later.digest == throttled.digest), None)]
-             if again is not None and again.at - throttled.at < RETRY_AFTER_S]
-    print(f"identical requests sooner than Retry-After after a 429: {len(early)} of {len(gaps)}: {early[:5]}")
-    assert statistics.median(gaps) >= RETRY_AFTER_S, f"retries came {statistics.median(gaps):.2f} s after a 429"
-    assert len(early) <= max(2, len(gaps) // 20), f"retried before Retry-After: {early[:5]}"
+    # every request answered 429 comes again no sooner than Retry-After later: the operator's own retry, and the
+    # next reconcile of a write that stayed throttled through all its retries (the two that did not wait)
+    early = early_retries(exchanges, RETRY_AFTER_S)
+    print(f"throttled requests sent again before Retry-After: {len(early)} of {len(gaps)}: {early[:5]}")
+    assert early == [], f"throttled requests sent again before their Retry-After: {early[:5]}"
     # no duplicate Events
     assert events_503_after > 0, "no Event POST was answered 503 after the apiserver created it"
     assert resent == [], "an Event POST that the apiserver had applied was sent again"
@@ -240,3 +250,28 @@ def test_a_first_token_whose_status_write_failed_is_still_issued(apiproxy: ApiPr
     reasons = [event.reason for event in chaos.kube.events(chaos.namespace) if event.involved_object.name == "e-0"]
     assert ready["reason"] == api.Reason.TOKEN_ISSUED
     assert reasons == [api.Reason.TOKEN_ISSUED]
+
+
+@pytest.mark.parametrize("match", [
+    Match(methods={"POST", "PATCH"}, path=r"/secrets(/e-0-token)?$"),  # the token Secret (a create, here)
+    Match(methods={"PATCH"}, path=r"/securedendpoints/e-0$"),  # the finalizer
+], ids=["token-secret", "finalizer"])
+def test_a_write_throttled_through_all_its_tries_waits_out_its_retry_after(
+        match: Match, apiproxy: ApiProxy, chaos: Chaos, token_server: TokenServer, secret_values: set[str]) -> None:
+    """Found by the scenario above: every try of a write throttled, the reconcile failed, and the next one sent
+    the same write again at once (the target write's retry counted from the reconcile's start, so it had passed
+    during the four Retry-After waits) or within a second (a failed reconcile's backoff), whatever the
+    apiserver's Retry-After said."""
+    Setup(chaos.kube, chaos.namespace, secret_values).client(token_server)
+    through_the_proxy(chaos, apiproxy)
+    apiproxy.add_fault(Fault(THROTTLE, 1.0, match, retry_after=RETRY_AFTER_S))
+    chaos.operator.start()
+    Setup(chaos.kube, chaos.namespace, secret_values).endpoint("e-0", token_server)
+    # five tries (the client's limit), then the next reconcile's, throttled too
+    wait_for(lambda: sum(1 for e in apiproxy.exchanges() if e.fault == THROTTLE) >= 7, timeout=30,
+             message="a write throttled through all its tries, then the next reconcile's")
+    apiproxy.clear_faults()
+    chaos.kube.wait_ready(chaos.namespace, "e-0", timeout=20)
+    exchanges = apiproxy.exchanges()
+    assert len(retry_gaps(exchanges)) >= 6
+    assert early_retries(exchanges, RETRY_AFTER_S) == []

@@ -73,6 +73,16 @@ def test_retry_after_seconds_are_honoured_up_to_a_cap() -> None:
     assert kube.retry_delay("3600", 1) == kube.MAX_RETRY_AFTER_SECONDS == 30.0
 
 
+def test_the_retry_after_a_failed_request_carries() -> None:
+    """What a KubeError tells its catcher to wait (the controller waits that long before writing again)."""
+    assert kube.retry_after_seconds("2") == 2.0
+    assert kube.retry_after_seconds("3600") == kube.MAX_RETRY_AFTER_SECONDS
+    assert kube.retry_after_seconds(None) is None
+    assert kube.retry_after_seconds("Wed, 21 Oct 2026 07:28:00 GMT") is None
+    assert kube.KubeError(429, "TooManyRequests", "slow down", retry_after=2.0).retry_after == 2.0
+    assert kube.KubeError(503, "ServiceUnavailable", "").retry_after is None
+
+
 @pytest.mark.parametrize("header", [None, "", "soon", "-1", "1.5", "Wed, 21 Oct 2015 07:28:00 GMT"])
 def test_without_usable_retry_after_the_backoff_doubles_to_its_cap(header: str | None) -> None:
     rng = random.Random(7)

@@ -5,7 +5,8 @@ every reason for a new token (none yet, settings changed, a source rotated, refr
 floor) and the failed-inputs rule that lets backoff decide; the floor's clock-went-back rule; rewrites after a
 lost or failed target write, and waiting for the write retry; a new generation without token changes;
 next_due for each case; the ready reason; failure retry times (credentials safety net, Retry-After honoured and
-capped, permanent vs transient, last chance before expiry).
+capped, permanent vs transient, last chance before expiry); an apiserver's Retry-After holding every action of
+the endpoint, whatever is due, until it is over.
 """
 
 from __future__ import annotations
@@ -277,3 +278,41 @@ def test_no_spread_when_it_is_switched_off() -> None:
     now = datetime(2026, 12, 2, tzinfo=UTC)
     assert policy.startup_delay(now=now, served_until=now + timedelta(hours=1), spread_seconds=0,
                                 rng=random.Random(1)) == 0.0
+
+
+# -- the apiserver's Retry-After holds every write of the endpoint -------------------------------------------
+
+
+@pytest.mark.parametrize("busy", [
+    {"refresh_at": NOW - timedelta(seconds=1)},  # a refresh due
+    {"targets_dirty": True, "rewrite_at": NOW - timedelta(seconds=1)},  # a failed target write due again
+    {"has_finalizer": False},  # the finalizer PATCH that was throttled
+    {"deleting": True},  # the clean-up writes too
+    {"spec_valid": False},  # and so does the InvalidSpec report
+], ids=["refresh", "rewrite", "finalizer", "clean-up", "invalid-spec"])
+def test_nothing_is_written_before_the_apiservers_retry_after_is_over(busy: dict[str, object]) -> None:
+    until = NOW + timedelta(seconds=1)
+    s = situation(throttled_until=until, **busy)
+    assert decide(s) == policy.Decision(Action.WAIT, ("the apiserver asked to wait (Retry-After)",))
+    assert next_due(s) == until
+    after = dataclasses.replace(s, now=until)
+    assert decide(after).action is not Action.WAIT or decide(after).needs_finalizer
+    assert next_due(after) == until  # due at once, now that the wait is over
+
+
+def test_a_retry_after_that_is_over_changes_nothing() -> None:
+    s = situation(throttled_until=NOW - timedelta(milliseconds=1))
+    assert decide(s) == decide(situation())
+    assert next_due(s) == next_due(situation()) == NOW + timedelta(minutes=20)
+
+
+def test_how_long_writes_wait_after_a_retry_after() -> None:
+    later = NOW + timedelta(seconds=30)
+    assert policy.throttled_until(failed_at=NOW, retry_after_seconds=None, current=None) is None
+    assert policy.throttled_until(failed_at=NOW, retry_after_seconds=None, current=later) == later
+    assert policy.throttled_until(failed_at=NOW, retry_after_seconds=2, current=None) == NOW + timedelta(seconds=2)
+    assert policy.throttled_until(failed_at=NOW, retry_after_seconds=2, current=later) == later  # the longer
+    assert policy.throttled_until(failed_at=NOW, retry_after_seconds=90, current=later) == \
+        NOW + timedelta(seconds=90)
+    assert policy.throttled_until(failed_at=NOW, retry_after_seconds=1e9, current=None) == \
+        NOW + timedelta(seconds=schedule.MAX_RETRY_AFTER_SECONDS)

@@ -18,9 +18,10 @@ Policy (fixed datetimes, seeded ``random.Random``; hypothesis for the invariants
   refreshes in the future (clock went back) ignored.
 
 Scheduler (real event loop, due times a few tens of milliseconds ahead):
-- jobs start in due order, ties first-come-first-served; a backlog goes earliest deadline first (a key rescheduled
-  or cancelled while in line loses its place; keep_earlier keeps the earlier deadline); rescheduling earlier wakes a sleeping loop;
-  rescheduling later delays; cancel; due_time / len / contains bookkeeping; invalid arguments refused.
+- jobs start in due order, ties first-come-first-served; a backlog goes earliest deadline first (a key
+  rescheduled or cancelled while in line loses its place; keep_earlier keeps the earlier deadline);
+  rescheduling earlier wakes a sleeping loop; rescheduling later delays; cancel; due_time / len / contains
+  bookkeeping; invalid arguments refused.
 - a key never runs concurrently with itself; coming due while running gives exactly one rerun right after;
   cancel and schedule() during a run drop the pending rerun; keep_earlier keeps it.
 - the concurrency bound is respected (and reached); an exception in one job is logged with key and type only

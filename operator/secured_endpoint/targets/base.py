@@ -48,12 +48,14 @@ class IssuedToken:
 
 
 class TargetError(Exception):
-    """A target could not be written or read; the message names the target, never the token."""
+    """A target could not be written or read; the message names the target, never the token. ``retry_after``:
+    the seconds its server asked to wait before the write is tried again (a Kubernetes ``Retry-After``)."""
 
-    def __init__(self, target: str, message: str) -> None:
+    def __init__(self, target: str, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(f"{target}: {message}")
         self.target = target
         self.message = message
+        self.retry_after = retry_after
 
 
 class Target(Protocol):

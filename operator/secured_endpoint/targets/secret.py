@@ -93,7 +93,7 @@ class SecretTarget:
             await self._client.patch_secret(owner.namespace, name, body)
             self._owned_uids[cache_key] = existing["metadata"]["uid"]
         except kube.KubeError as exc:
-            raise TargetError(where, f"cannot be written: {exc}") from None
+            raise TargetError(where, f"cannot be written: {exc}", retry_after=exc.retry_after) from None
 
     async def read(self, owner: Owner, name: str) -> IssuedToken | None:
         """The token an owned Secret holds, or None (missing, foreign, or not a token Secret)."""
@@ -120,7 +120,7 @@ class SecretTarget:
             if existing is not None and owned_by(existing, owner):
                 await self._client.delete_secret(owner.namespace, name, uid=existing["metadata"]["uid"])
         except kube.KubeError as exc:
-            raise TargetError(f"Secret/{name}", f"cannot be deleted: {exc}") from None
+            raise TargetError(f"Secret/{name}", f"cannot be deleted: {exc}", retry_after=exc.retry_after) from None
 
     def forget(self, namespace: str, name: str) -> None:
         """Someone deleted the Secret: the remembered uid is void."""
