@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from secured_endpoint import kube, metrics, sources
 from secured_endpoint.controller import Controller
@@ -34,7 +34,7 @@ class TakeIn:
     kopf serves (namespace patterns). A failed LIST costs nothing but time: kopf's own listing brings them all."""
 
     def __init__(self, client: kube.KubeClient, cache: sources.MetadataCache, view: sources.SourceView,
-                 controller: Controller, *, namespaces: Callable[[], Sequence[str | None]],
+                 controller: Controller, *, namespaces: Callable[[], Awaitable[Sequence[str | None]]],
                  serves: Callable[[str], bool] = lambda _: True, timeout: float = 60.0) -> None:
         self.client, self.cache, self.view, self.controller = client, cache, view, controller
         self.namespaces, self.serves, self.timeout = namespaces, serves, timeout
@@ -44,7 +44,7 @@ class TakeIn:
         taken = 0
         try:
             async with asyncio.timeout(self.timeout):
-                for namespace in self.namespaces():
+                for namespace in await self.namespaces():
                     taken += await self._take_in(namespace)
         except (kube.KubeError, TimeoutError) as exc:
             logger.warning("Taking in the SecuredEndpoints by a LIST of its own failed after %d (%s); kopf's "

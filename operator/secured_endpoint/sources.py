@@ -397,6 +397,7 @@ class NamespaceScope:
         self._pending: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._complete = False
+        self._listed = asyncio.Event()
         self._refused_logged = False
 
     async def start(self) -> None:
@@ -409,6 +410,11 @@ class NamespaceScope:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    async def served(self) -> list[str]:
+        """The matching namespaces, once the first LIST of namespaces is through."""
+        await self._listed.wait()
+        return sorted(self.current)
 
     # -- the watch's sink --------------------------------------------------------------------------
 
@@ -430,6 +436,7 @@ class NamespaceScope:
         self.current, self._pending = self._pending, set()
         if not self._complete:
             self._complete = True
+            self._listed.set()
             self.cache.scope_complete()
 
     def watch_event(self, event_type: str, obj: kube.JSON) -> None:

@@ -135,13 +135,21 @@ def _take_in(client: kube.KubeClient, cache: sources.MetadataCache, view: source
              controller: Controller, scope: sources.NamespaceScope | None, *, clusterwide: bool, exact: bool,
              patterns: tuple[str, ...]) -> TakeIn:
     """Where the leader lists SecuredEndpoints itself: the namespaces kopf serves, by kopf's rules."""
+    async def everywhere() -> list[str | None]:
+        return [None]
+
+    async def named() -> list[str | None]:
+        return list(patterns)
+
+    async def matching() -> list[str | None]:
+        return list(await scope.served()) if scope is not None else [None]
+
     if clusterwide:
-        return TakeIn(client, cache, view, controller, namespaces=lambda: [None])
+        return TakeIn(client, cache, view, controller, namespaces=everywhere)
     if exact:
-        return TakeIn(client, cache, view, controller, namespaces=lambda: patterns)
-    # patterns: one LIST of all where RBAC allows (as for the Secrets), else one per matching namespace known
-    return TakeIn(client, cache, view, controller,
-                  namespaces=lambda: sorted(scope.current) if scope is not None else [None],
+        return TakeIn(client, cache, view, controller, namespaces=named)
+    # patterns: one LIST of all where RBAC allows (as for the Secrets), else one per matching namespace
+    return TakeIn(client, cache, view, controller, namespaces=matching,
                   serves=lambda namespace: sources.namespace_matches(namespace, patterns))
 
 
