@@ -42,16 +42,22 @@ class TakeIn:
     async def run(self) -> None:
         started = time.monotonic()
         taken = 0
+        refused: list[str] = []
         try:
             async with asyncio.timeout(self.timeout):
                 for namespace in await self.namespaces():
-                    taken += await self._take_in(namespace)
+                    try:
+                        taken += await self._take_in(namespace)
+                    except kube.KubeError as exc:
+                        if namespace is None:
+                            raise
+                        refused.append(f"{namespace} ({exc.status})")  # e.g. its Role not there yet
         except (kube.KubeError, TimeoutError) as exc:
             logger.warning("Taking in the SecuredEndpoints by a LIST of its own failed after %d (%s); kopf's "
                            "listing brings the others.", taken, exc or "timed out")
             return
-        logger.info("Leading: took in %d endpoints from a LIST of its own in %.1f s.", taken,
-                    time.monotonic() - started)
+        logger.info("Leading: took in %d endpoints from a LIST of its own in %.1f s%s.", taken,
+                    time.monotonic() - started, _refused_note(refused))
 
     async def _take_in(self, namespace: str | None) -> int:
         taken = 0
@@ -66,6 +72,13 @@ class TakeIn:
                 taken += 1
             await asyncio.sleep(0)  # a page at a time: renewals and refreshes go on meanwhile
         return taken
+
+
+def _refused_note(refused: list[str]) -> str:
+    if not refused:
+        return ""
+    shown = ", ".join(refused[:5])
+    return f"; not listed in {len(refused)} namespaces: {shown}{', ...' if len(refused) > 5 else ''}"
 
 
 class LeaderDuties:
