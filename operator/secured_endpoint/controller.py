@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from secured_endpoint import api, credentials, kube, metrics, policy, schedule, status, tokens
-from secured_endpoint.intake import Endpoint, Key, Registry
+from secured_endpoint.intake import Endpoint, Key, Registry, older_version
 from secured_endpoint.publisher import Published, StatusPublisher
 from secured_endpoint.refresher import FetchFailed, Refresher
 from secured_endpoint.settings import OperatorSettings
@@ -132,8 +132,7 @@ class Controller:
         held = self._taken_in.get(key)
         if held is None:
             return False
-        seen = str(meta.get("resourceVersion", ""))
-        if held.isdigit() and seen.isdigit() and int(seen) < int(held):
+        if older_version(str(meta.get("resourceVersion", "")), held):
             return True
         del self._taken_in[key]
         return False

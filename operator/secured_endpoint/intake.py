@@ -229,3 +229,9 @@ class Registry:
 
 def _changed(old: Mapping[str, str], new: Mapping[str, str]) -> Iterable[tuple[str, str]]:
     return [(kind, where) for kind, where in old.items() if new.get(kind) != where]
+
+
+def older_version(seen: str, held: str) -> bool:
+    """Is resourceVersion ``seen`` older than ``held``? Only numbers (what etcd gives) are compared: for any
+    other form the answer is no, and the event is taken as it comes."""
+    return held.isdigit() and seen.isdigit() and int(seen) < int(held)
