@@ -101,7 +101,7 @@ class Controller:
     # -- intake: cheap bookkeeping, then a due time for the scheduler --------------------------------
 
     def take_in(self, body: Mapping[str, Any]) -> None:
-        """A SecuredEndpoint from the leader's own LIST at take-over (docs/contract.md §7): every endpoint is
+        """A SecuredEndpoint from the leader's own LIST at take-over (docs/contract.md §5.7): every endpoint is
         planned within moments, not as kopf, one object at a time and always in the same order, delivers them
         (a replica restarted again and again would otherwise never reach the last ones in its list)."""
         meta = body.get("metadata", {})

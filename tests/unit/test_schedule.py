@@ -441,47 +441,51 @@ async def test_jobs_start_in_due_order() -> None:
     assert len(scheduler) == 0
 
 
+BLOCKER = ("ns", "blocker")
+
+
+def one_slot_taken() -> tuple[Recorder, Scheduler[Key], float]:
+    """A one-slot scheduler whose slot BLOCKER will hold (once started) until its gate is set: what is
+    scheduled meanwhile waits in line."""
+    job = Recorder()
+    job.gates[BLOCKER] = asyncio.Event()
+    scheduler = Scheduler(job, concurrency=1)
+    now = time.time()
+    scheduler.schedule(BLOCKER, now - 10)
+    return job, scheduler, now
+
+
 async def test_a_backlog_goes_earliest_deadline_first() -> None:
     """Due keys waiting for a slot start by deadline (the expiry of the token each would replace), not by due
     time: a rotated credential's refetch (due first, token good for minutes) waits behind refreshes whose
     tokens expire in seconds; without a deadline a key's due time is its deadline."""
-    job = Recorder()
-    blocker = ("ns", "blocker")
-    job.gates[blocker] = asyncio.Event()
-    scheduler = Scheduler(job, concurrency=1)
-    now = time.time()
-    scheduler.schedule(blocker, now - 10)
+    job, scheduler, now = one_slot_taken()
     async with running(scheduler):
-        await until(lambda: job.started == [blocker])
+        await until(lambda: job.started == [BLOCKER])
         scheduler.schedule(("ns", "rotated"), now - 5, deadline=now + 300)
         scheduler.schedule(("ns", "expires-soon"), now - 1, deadline=now + 2)
         scheduler.schedule(("ns", "expires-sooner"), now - 2, deadline=now + 1)
         scheduler.schedule(("ns", "no-token"), now - 3)  # deadline: its due time
         await asyncio.sleep(0.05)  # all four are in line behind the blocker
-        job.gates[blocker].set()
+        job.gates[BLOCKER].set()
         assert await scheduler.wait_idle(2.0)
-    assert job.started == [blocker, ("ns", "no-token"), ("ns", "expires-sooner"), ("ns", "expires-soon"),
+    assert job.started == [BLOCKER, ("ns", "no-token"), ("ns", "expires-sooner"), ("ns", "expires-soon"),
                            ("ns", "rotated")]
 
 
 async def test_a_key_rescheduled_or_cancelled_while_in_line_keeps_no_place_there() -> None:
-    job = Recorder()
-    blocker = ("ns", "blocker")
-    job.gates[blocker] = asyncio.Event()
-    scheduler = Scheduler(job, concurrency=1)
-    now = time.time()
-    scheduler.schedule(blocker, now - 10)
+    job, scheduler, now = one_slot_taken()
     async with running(scheduler):
-        await until(lambda: job.started == [blocker])
+        await until(lambda: job.started == [BLOCKER])
         for name in ("later", "cancelled", "stays"):
             scheduler.schedule(("ns", name), now - 1, deadline=now + 1)
         await asyncio.sleep(0.05)  # in line
         scheduler.schedule(("ns", "later"), now + 0.2)  # no longer due
         scheduler.cancel(("ns", "cancelled"))
-        job.gates[blocker].set()
+        job.gates[BLOCKER].set()
         await until(lambda: ("ns", "later") in job.started)
         assert await scheduler.wait_idle(2.0)
-    assert job.started == [blocker, ("ns", "stays"), ("ns", "later")]
+    assert job.started == [BLOCKER, ("ns", "stays"), ("ns", "later")]
 
 
 async def test_keep_earlier_keeps_the_earlier_deadline() -> None:
